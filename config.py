@@ -1,0 +1,174 @@
+"""train.py's one typed config: a dataclass filled by argparse, validated up front, saved to the run dir."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from resnet import MODEL_NAMES
+
+# The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at 64k,
+# on a 45k/5k split. 45,000 // 128 = 351 steps per epoch: 32k/351 = 91.2, 48k/351 = 136.8, 64k/351 = 182.3 epochs.
+RECIPES = {
+    "default": {},
+    "paper": dict(epochs=182, milestones=[91.2, 136.8], lr=0.1, batch_size=128, momentum=0.9, nesterov=False,
+                  weight_decay=1e-4, label_smoothing=0.0, warmup_epochs=0.0, val_split=5000),
+}
+# Flags that describe this process, not the experiment: a resumed run takes them from the new command line.
+RUNTIME_FIELDS = ("device", "data_dir", "resume", "eval_only", "progress", "log_every", "compile", "save_every_steps")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported in one line, exit code 2 (1 for a run that failed)."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
+
+@dataclass
+class Config:
+    arch: str = field(default="resnet18", metadata={"help": f"model: {', '.join(MODEL_NAMES)}"})
+    width: int = field(default=16, metadata={"help": "width of the first stage (ResNet-18: 16 -> 16/32/64/128)"})
+    zero_init_residual: bool = field(default=False, metadata={"help": "start each residual block as the identity"})
+    epochs: int = field(default=50, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "global batch size (split evenly across torchrun ranks)"})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate, for the global batch"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy, in [0, 1)"})
+    milestones: list = field(default=None, metadata={
+        "help": "epochs at which the lr is multiplied by --gamma (default: 50%% and 75%% of --epochs)", "nargs": "+"})
+    gamma: float = field(default=0.1, metadata={"help": "lr factor at each milestone"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear lr warm-up, in epochs (fractions allowed)"})
+    seed: int = field(default=0, metadata={"help": "seed for init, subset, split, order and augmentation"})
+    data_dir: str = field(default="./data", metadata={
+        "help": "CIFAR-10: cifar-10-batches-py/ (downloaded when missing) or train/ and test/ class folders"})
+    subset: int = field(default=None, metadata={"help": "train on a seeded random subset of N training images"})
+    val_split: int = field(default=0, metadata={"help": "hold out N training images for validation (and best.pt)"})
+    out: str = field(default=None, metadata={"help": "run directory (default runs/<arch>-<timestamp>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into an existing run directory"})
+    resume: str = field(default=None, metadata={"help": "run dir or checkpoint to continue from (or to evaluate)"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate the --resume checkpoint on the test set"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    amp: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only; BatchNorm stays fp32)"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (faster on CPU and GPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training model"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across torchrun ranks (CUDA only)"})
+    save_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps inside an epoch"})
+    log_every: int = field(default=20, metadata={"help": "steps between progress updates and non-finite checks"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    recipe: str = field(default="default", metadata={
+        "help": "preset: 'paper' = the paper's schedule (182 epochs, 45k/5k split, wd 1e-4, steps at 32k/48k iters)",
+        "choices": tuple(RECIPES)})
+
+    def milestone_epochs(self) -> list[float]:
+        return list(self.milestones) if self.milestones else [0.5 * self.epochs, 0.75 * self.epochs]
+
+    def resume_path(self) -> str:
+        return os.path.join(self.resume, "last.pt") if os.path.isdir(self.resume) else self.resume
+
+    @classmethod
+    def for_resume(cls, saved: dict, now: "Config") -> "Config":
+        """The checkpoint's experiment config with this command line's runtime flags."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        for k in RUNTIME_FIELDS:
+            setattr(cfg, k, getattr(now, k))
+        cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
+        return cfg
+
+    def check_data(self, n_train: int, world: int) -> None:
+        if self.subset is not None and self.subset > n_train:
+            raise UserError(f"--subset {self.subset} is larger than the {n_train} training images")
+        n = self.subset or n_train
+        if self.val_split >= n:
+            raise UserError(f"--val-split {self.val_split} leaves no training images out of {n}")
+        if n - self.val_split < self.batch_size:
+            raise UserError(f"{n - self.val_split} training images are fewer than one batch of {self.batch_size}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would add the usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train.py", description="Train a ResNet on CIFAR-10.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {k: v for k, v in f.metadata.items()}
+        if f.type == "bool" or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+            continue
+        typ = {"arch": str, "data_dir": str, "out": str, "resume": str, "device": str, "recipe": str,
+               "milestones": float, "subset": int}.get(f.name, type(f.default))
+        p.add_argument(flag, type=typ, default=f.default, **kw)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**RECIPES[pre.recipe])  # a preset sets defaults; explicit flags still win
+    cfg = Config(**vars(p.parse_args(argv)))
+    validate(cfg)
+    if cfg.out is None and not cfg.resume:
+        cfg.out = os.path.join("runs", f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every flag checked before any work: a clear line instead of a traceback later."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    need(cfg.arch in MODEL_NAMES, f"unknown --arch {cfg.arch!r}; valid: {', '.join(MODEL_NAMES)}")
+    for name in ("width", "epochs", "batch_size", "lr", "log_every"):
+        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
+    need(0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup-epochs must be in [0, --epochs), got {cfg.warmup_epochs}")
+    need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
+    if cfg.milestones:
+        m = cfg.milestones
+        need(all(a < b for a, b in zip(m, m[1:])), f"--milestones must be increasing, got {m}")
+        need(0 < m[0] and m[-1] < cfg.epochs, f"--milestones must lie in (0, --epochs={cfg.epochs}), got {m}")
+    need(cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}")
+    need(cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}")
+    need(not (cfg.zero_init_residual and cfg.arch.startswith("plain")),
+         "--zero-init-residual is for residual nets; on a plain net it would zero every block")
+    need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume CHECKPOINT")
+    need(not cfg.resume or os.path.exists(cfg.resume), f"--resume: {cfg.resume} does not exist")
+    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU)")
+    if cfg.amp and device.type != "cuda":
+        raise UserError("--amp (bf16 autocast) is for CUDA; drop it on CPU")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")

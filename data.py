@@ -1,0 +1,237 @@
+"""CIFAR-10 as uint8 tensors, and a training loader that augments whole batches with tensor ops.
+
+Sources (one --data-dir):
+  - torchvision's CIFAR10 layout: <dir>/cifar-10-batches-py (downloaded there when missing and the machine is online);
+  - an image-folder tree: <dir>/train/<class>/*.{jpg,png}, <dir>/test/<class>/*, classes in sorted order
+    (CINIC-10, Kaggle exports, or the shared JPEG copy once extracted).
+Either is decoded once into uint8 tensors and cached beside the data (<dir>/cifar10-uint8-cache.pt).
+
+The loader keeps its split on the training device as uint8 (airbench's trick): per-sample random crop with 4-pixel
+zero padding, horizontal flip and normalisation happen as one gather and one fused multiply-add per batch.
+No PIL, no worker processes. Every epoch's order and augmentation are a pure function of (seed, epoch), so a
+resumed run replays exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the 50,000 training images' pixels
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel standard deviation (not the oft-copied 0.2023, 0.1994, 0.2010)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_NAME = "cifar10-uint8-cache.pt"
+
+
+class DataError(Exception):
+    """A data problem the user can fix; its message is one line."""
+
+
+@dataclass
+class Cifar:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_torchvision(data_dir: str, download: bool) -> Cifar:
+    from torchvision.datasets import CIFAR10
+
+    def split(train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        ds = CIFAR10(data_dir, train=train, download=download)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        return x, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+    try:
+        train_x, train_y, classes = split(True)
+        test_x, test_y, _ = split(False)
+    except RuntimeError as e:  # "Dataset not found or corrupted"
+        raise DataError(f"{data_dir}/cifar-10-batches-py: {e}") from None
+    except OSError as e:  # no network
+        raise DataError(f"could not download CIFAR-10 into {data_dir} ({e.__class__.__name__}); "
+                        "pass --data-dir with a local copy (cifar-10-batches-py or train/ and test/ folders)") from None
+    return Cifar(train_x, train_y, test_x, test_y, classes)
+
+
+def _image_files(root: str) -> dict[str, list[str]]:
+    """class -> sorted image paths under root/<class>/."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    return {c: sorted(e.path for e in os.scandir(os.path.join(root, c))
+                      if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)) for c in classes}
+
+
+def _decode(path: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+    except Exception:
+        raise DataError(f"unreadable image: {path}") from None
+    if img.shape[1:] != (32, 32):
+        raise DataError(f"{path} is {img.shape[2]}x{img.shape[1]}; CIFAR-style data must be 32x32")
+    return img
+
+
+def _read_image_folder(data_dir: str) -> Cifar:
+    files = {s: _image_files(os.path.join(data_dir, s)) for s in ("train", "test")}
+    if list(files["train"]) != list(files["test"]):
+        raise DataError(f"{data_dir}: train/ and test/ class folders differ: "
+                        f"{sorted(files['train'])} vs {sorted(files['test'])}")
+    classes = list(files["train"])
+    tensors = []
+    for s in ("train", "test"):
+        paths = [(p, label) for label, c in enumerate(classes) for p in files[s][c]]
+        if not paths:
+            raise DataError(f"{data_dir}/{s} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class folders")
+        tensors.append(torch.stack([_decode(p) for p, _ in paths]))
+        tensors.append(torch.tensor([label for _, label in paths], dtype=torch.int64))
+    return Cifar(*tensors, classes=classes)
+
+
+def _layout(data_dir: str) -> str:
+    if not os.path.isdir(data_dir):
+        return "missing"
+    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        return "torchvision"
+    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
+        return "folder"
+    return "unknown"
+
+
+def _signature(data_dir: str, layout: str) -> str:
+    """Cheap fingerprint of the source files (names, sizes, mtimes): the cache is stale when it changes."""
+    h = hashlib.sha1(layout.encode())
+    top = os.path.join(data_dir, "cifar-10-batches-py") if layout == "torchvision" else data_dir
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name == CACHE_NAME or name.startswith(CACHE_NAME):
+                continue
+            st = os.stat(os.path.join(dirpath, name))
+            h.update(f"{os.path.relpath(dirpath, top)}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -> Cifar:
+    """Read CIFAR-10 (either layout) from data_dir as uint8 tensors, through the cache beside it."""
+    layout = _layout(data_dir)
+    if layout == "missing" and not download:
+        raise DataError(f"data directory {data_dir} does not exist")
+    if layout == "unknown":
+        if not os.listdir(data_dir):
+            if not download:
+                raise DataError(f"data directory {data_dir} is empty")
+            layout = "torchvision"
+        else:
+            raise DataError(f"{data_dir} holds neither cifar-10-batches-py/ nor train/ and test/ class folders")
+    if layout == "missing":
+        layout = "torchvision"  # let torchvision download into it
+    if layout == "folder" or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        sig = _signature(data_dir, layout)
+        cache = os.path.join(data_dir, CACHE_NAME)
+        if use_cache and os.path.exists(cache):
+            try:
+                c = torch.load(cache, weights_only=True)
+                if c["signature"] == sig:
+                    return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"])
+            except Exception:
+                pass  # stale or broken cache: rebuild it
+    data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download)
+    if use_cache:
+        sig = _signature(data_dir, layout)
+        try:
+            tmp = os.path.join(data_dir, CACHE_NAME + f".tmp{os.getpid()}")
+            torch.save({"signature": sig, "classes": data.classes, "train_x": data.train_x, "train_y": data.train_y,
+                        "test_x": data.test_x, "test_y": data.test_y}, tmp)
+            os.replace(tmp, os.path.join(data_dir, CACHE_NAME))
+        except OSError:
+            pass  # read-only data dir: run without a cache
+    return data
+
+
+def split_indices(n: int, subset: int | None, val_split: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices: a seeded random subset of n images (all when subset is None), val carved from it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if subset is not None:
+        perm = perm[:subset]
+    return perm[val_split:], perm[:val_split]
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop of the zero-padded image at offsets (dx, dy) in [0, 2*pad], mirrored where flip: one gather.
+
+    x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, H, W) uint8.
+    """
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    ar_h = torch.arange(H, device=x.device)
+    ar_w = torch.arange(W, device=x.device)
+    rows = dy[:, None] + ar_h  # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None].bool(), W - 1 - ar_w, ar_w)  # (B, W), reversed when flipped
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 standardised with the CIFAR-10 pixel mean/std."""
+    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.addcmul(shift, x.float(), scale).contiguous(memory_format=fmt)
+
+
+class Loader:
+    """Batches of one split, held on `device` as uint8.
+
+    train=True: every epoch a fresh seeded permutation with crop + flip, only full global batches (so every rank of a
+    DDP run takes the same number of steps); rank r takes its slice of each global batch.
+    train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly once.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str, train: bool,
+                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world, self.channels_last = rank, world, channels_last
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        if self.train:
+            return len(self.x) // self.batch_size  # batch_size is global
+        n_local = len(range(self.rank, len(self.x), self.world))
+        return -(-n_local // self.batch_size)
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (inputs float (b, 3, 32, 32), labels (b,)) from step `start` of `epoch`."""
+        if not self.train:
+            idx_all = torch.arange(self.rank, len(self.x), self.world, device=self.device)
+            for i in range(start * self.batch_size, len(idx_all), self.batch_size):
+                idx = idx_all[i:i + self.batch_size]
+                yield normalize(self.x[idx], self.channels_last), self.y[idx]
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # CPU generator: same stream on any device
+        n = len(self.x)
+        perm = torch.randperm(n, generator=g).to(self.device)
+        dx, dy = torch.randint(0, 9, (2, n), generator=g).to(self.device)  # crop offsets in the 40x40 padded image
+        flip = torch.randint(0, 2, (n,), generator=g).to(self.device)
+        local = self.batch_size // self.world
+        for step in range(start, len(self)):
+            lo = step * self.batch_size + self.rank * local
+            idx = perm[lo:lo + local]
+            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx])
+            yield normalize(xb, self.channels_last), self.y[idx]

@@ -1,0 +1,199 @@
+"""Residual and plain networks for CIFAR-10, built from basic_block.BasicBlock.
+
+Reference: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016,
+arXiv:1512.03385. Section 4.2 defines the CIFAR family; ResNet-18/34 follow Table 1, adapted to 32x32 inputs
+(3x3 stride-1 stem, no max-pool), as in the usual CIFAR ports.
+
+| name      | layers | stage widths        | blocks/stage | shortcut   | params (10 classes) |
+|-----------|--------|---------------------|--------------|------------|---------------------|
+| resnet18  | 18     | 16, 32, 64, 128     | 2, 2, 2, 2   | projection | 701,466             |
+| resnet18 (width=64) | 18 | 64, 128, 256, 512 | 2, 2, 2, 2 | projection | 11,173,962          |
+| resnet34  | 34     | 16, 32, 64, 128     | 3, 4, 6, 3   | projection | 1,334,618           |
+| resnet20  | 20     | 16, 32, 64          | 3, 3, 3      | zeropad    | 269,722             |
+| resnet32  | 32     | 16, 32, 64          | 5, 5, 5      | zeropad    | 464,154             |
+| resnet44  | 44     | 16, 32, 64          | 7, 7, 7      | zeropad    | 658,586             |
+| resnet56  | 56     | 16, 32, 64          | 9, 9, 9      | zeropad    | 853,018             |
+| resnet110 | 110    | 16, 32, 64          | 18, 18, 18   | zeropad    | 1,727,962           |
+| plainNN   | NN     | as resnetNN         | as resnetNN  | none       | plain18 690,266, plain34 1,323,418; CIFAR plains = their twins |
+
+Layers count the weighted layers on the main path: stem conv + 2 per block + the classifier (6n+2 for the CIFAR
+family). `python resnet.py` prints this table from the code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from basic_block import SHORTCUTS, BasicBlock
+
+
+class ResNet(nn.Module):
+    """stem (3x3 conv, BN, ReLU) -> stages of BasicBlocks -> global average pool -> Linear."""
+
+    def __init__(
+        self,
+        blocks_per_stage: list[int],
+        widths: list[int],
+        num_classes: int = 10,
+        shortcut: str = "projection",
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+        if zero_init_residual and shortcut == "none":
+            # gamma = 0 on the last BN of a plain block zeroes its output: the whole net would output a constant.
+            raise ValueError("zero_init_residual is for residual nets; on a plain net it zeroes every block")
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_channels = widths[0]
+        stages = []
+        for i, (n, width) in enumerate(zip(blocks_per_stage, widths)):
+            stride = 1 if i == 0 else 2  # halve the feature map (and double the width) at every new stage
+            stages.append(self._make_layer(in_channels, width, n, stride, shortcut))
+            in_channels = width
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(in_channels, num_classes)
+        self._init_weights(zero_init_residual)
+
+    @staticmethod
+    def _make_layer(in_channels: int, out_channels: int, n: int, stride: int, shortcut: str) -> nn.Sequential:
+        blocks = [BasicBlock(in_channels, out_channels, stride, shortcut)]
+        blocks += [BasicBlock(out_channels, out_channels, 1, shortcut) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        # He et al. 2015 ("Delving deep into rectifiers"), fan_out as in fb.resnet.torch and torchvision.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # every residual block starts as the identity (Goyal et al. 2017)
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32)
+        x = torch.relu(self.bn1(self.conv1(x)))  # (B, w, 32, 32)
+        x = self.stages(x)  # (B, 8w, 4, 4) for ResNet-18; (B, 4w, 8, 8) for the CIFAR family
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, C)
+        return self.fc(x)  # (B, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------- the named nets
+
+
+def ResNet18(num_classes: int = 10, width: int = 16, shortcut: str = "projection", **kw) -> ResNet:
+    """Our CIFAR ResNet-18: widths w, 2w, 4w, 8w; two blocks per stage."""
+    return ResNet([2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], num_classes, shortcut, **kw)
+
+
+def ResNet34(num_classes: int = 10, width: int = 16, shortcut: str = "projection", **kw) -> ResNet:
+    return ResNet([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width], num_classes, shortcut, **kw)
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, shortcut: str = "zeropad", **kw) -> ResNet:
+    """The paper's section 4.2 nets: 6n+2 layers, three stages of n blocks at widths 16, 32, 64."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return ResNet([n, n, n], [width, 2 * width, 4 * width], num_classes, shortcut, **kw)
+
+
+def _registry() -> dict[str, tuple]:
+    """name -> (constructor, default shortcut, depth)."""
+    reg = {"resnet18": (ResNet18, "projection", 18), "resnet34": (ResNet34, "projection", 34)}
+    for depth in (20, 32, 44, 56, 110):
+        reg[f"resnet{depth}"] = (lambda d=depth, **kw: cifar_resnet(d, **kw), "zeropad", depth)
+    for name, (ctor, _, depth) in list(reg.items()):
+        reg[name.replace("resnet", "plain")] = (ctor, "none", depth)
+    return reg
+
+
+MODEL_NAMES = tuple(_registry())
+
+
+def build_model(name: str, num_classes: int = 10, **kw) -> ResNet:
+    """Build a registered net by name (see MODEL_NAMES); kw: width, zero_init_residual, shortcut (residual nets)."""
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    ctor, shortcut, _ = reg[name]
+    if shortcut == "none" and kw.get("shortcut", "none") != "none":
+        raise ValueError(f"{name} is a plain net; it takes no shortcut")
+    kw.setdefault("shortcut", shortcut)
+    return ctor(num_classes=num_classes, **kw)
+
+
+def model_depth(name: str) -> int:
+    return _registry()[name][2]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
+
+
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True (pickled code never runs); every failure becomes one clear line."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
+    except Exception as e:  # UnpicklingError (unsafe payload), RuntimeError (truncated/corrupt zip), EOFError...
+        kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
+            else "unreadable (truncated or corrupt)"
+        raise CheckpointError(f"checkpoint {path} is {kind}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model'/'arch' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
+    """Rebuild the architecture named in the checkpoint and load its weights."""
+    try:
+        model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or width?)") \
+            from None
+    return model
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
+    """A trained model from a train.py checkpoint (last.pt / best.pt), in eval mode."""
+    return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Print depth, parameter count and output shape of every registered model."""
+    rows = []
+    x = torch.zeros(2, 3, 32, 32)
+    print(f"{'name':<10} {'depth':>5} {'params':>11}  output")
+    for name in MODEL_NAMES:
+        model = build_model(name).eval()
+        with torch.no_grad():
+            shape = tuple(model(x).shape)
+        rows.append({"name": name, "depth": model_depth(name), "params": count_parameters(model), "output": shape})
+        print(f"{name:<10} {rows[-1]['depth']:>5} {rows[-1]['params']:>11,}  {shape}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

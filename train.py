@@ -1,0 +1,382 @@
+"""Train a ResNet on CIFAR-10: SGD + momentum, label-smoothed cross-entropy, a step schedule, exact resume.
+
+    python train.py                                  # ResNet-18 (width 16), default recipe, on GPU if there is one
+    python train.py --epochs 20 --data-dir data      # a shorter run on a local copy
+    python train.py --resume runs/resnet18-...       # continue exactly where it stopped (kill -9 included)
+    python train.py --eval-only --resume runs/x/last.pt
+    torchrun --nproc_per_node=4 train.py ...         # DDP: --batch-size and --lr stay those of the global batch
+
+Writes to the run dir: config.json, metrics.jsonl (one line per epoch), last.pt (every epoch, and every
+--save-every-steps steps), best.pt (only with --val-split, chosen on validation accuracy), curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from config import Config, UserError, parse_config, resolve_device, validate_runtime
+from data import DataError, Loader, load_cifar10, split_indices
+from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
+    """LR multiplier as a function of the global step: linear warm-up, then x gamma at each milestone (epochs)."""
+    t = step / steps_per_epoch  # epochs done, fractional
+    if t < cfg.warmup_epochs:
+        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
+
+
+def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
+                    epoch: int, totals: dict, start: int = 0, *, amp: bool = False, log_every: int = 20,
+                    bar: tqdm | None = None, stop_requested=lambda: False, checkpoint=None,
+                    save_every_steps: int = 0, distributed: bool = False) -> None:
+    """Run steps start..len(loader) of `epoch`, accumulating into totals (device tensors, no per-step sync).
+
+    Raises NonFiniteLoss (checked every log_every steps and at the end) or Interrupted (after a checkpoint).
+    """
+    model.train()
+    last_checked = start
+    device_type = loader.device.type
+
+    def check(step: int) -> None:  # the only host syncs of the loop
+        nonlocal last_checked
+        bad = totals["nonfinite"].clone()
+        if distributed:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"loss became non-finite in epoch {epoch + 1}, steps {last_checked + 1}-{step}")
+        last_checked = step
+        if bar is not None:
+            n = totals["count"].item()
+            bar.set_postfix(loss=f"{totals['loss_sum'].item() / n:.3f}", acc=f"{totals['correct'].item() / n:.3f}",
+                            refresh=False)
+
+    for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # step: 1-based within the epoch
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)  # (b, num_classes)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            totals["loss_sum"] += loss.detach() * len(y)
+            totals["correct"] += (logits.argmax(1) == y).sum()
+            totals["count"] += len(y)
+            totals["nonfinite"] += (~torch.isfinite(loss)).int()
+        if bar is not None:
+            bar.update(1)
+        sync = step % log_every == 0 or step == len(loader)
+        stop = stop_requested(sync)
+        if sync or stop or (save_every_steps and step % save_every_steps == 0):
+            check(step)
+        if stop:
+            checkpoint(epoch, step)
+            raise Interrupted
+        if save_every_steps and step % save_every_steps == 0 and step < len(loader):
+            checkpoint(epoch, step)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool = False,
+             distributed: bool = False) -> dict:
+    """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced."""
+    model.eval()
+    dev = loader.device
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    correct = torch.zeros(num_classes, device=dev, dtype=torch.float64)
+    total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
+    for x, y in loader.batches():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        total += torch.bincount(y, minlength=num_classes)
+        correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
+    stats = torch.cat([loss_sum.view(1), correct, total])
+    if distributed:
+        dist.all_reduce(stats)
+    loss_sum, correct, total = stats[0].item(), stats[1:1 + num_classes], stats[1 + num_classes:]
+    n = total.sum().item()
+    return {"loss": loss_sum / n, "acc": correct.sum().item() / n, "count": int(n),
+            "per_class": (correct / total.clamp(min=1)).tolist()}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to a temp file and rename: a crash mid-write never leaves a torn checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def append_metrics(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: str, epochs_done: int) -> None:
+    """Keep only complete lines of epochs the checkpoint has seen: no duplicates or torn lines after a resume."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("epoch", math.inf) <= epochs_done:
+                keep.append(json.dumps(row) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def run_info(cfg: Config, device: torch.device, world: int) -> dict:
+    import subprocess
+
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"config": asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    from datetime import timedelta
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    return rank, world, local
+
+
+def eval_only(cfg: Config, device: torch.device) -> dict:
+    ckpt = read_checkpoint(cfg.resume_path())
+    model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
+    data = load_cifar10(cfg.data_dir)
+    loader = Loader(data.test_x, data.test_y, 500, device, train=False)
+    res = evaluate(model, loader, len(data.classes))
+    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%  ({res['count']} images, "
+          f"checkpoint epoch {ckpt.get('epoch')})")
+    for name, acc in zip(data.classes, res["per_class"]):
+        print(f"  {name:<12} {100 * acc:6.2f}%")
+    return {"test_loss": res["loss"], "test_acc": res["acc"], "per_class": dict(zip(data.classes, res["per_class"]))}
+
+
+def train(cfg: Config, rank: int, world: int, local: int) -> dict:
+    device = resolve_device(cfg.device, local)
+    if cfg.eval_only:
+        return eval_only(cfg, device)
+    ckpt = None
+    if cfg.resume:
+        ckpt = read_checkpoint(cfg.resume_path())
+        cfg = Config.for_resume(ckpt["config"], cfg)
+    validate_runtime(cfg, device, world)
+    out = cfg.out
+    if rank == 0 and not cfg.resume:
+        if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+            raise UserError(f"run directory {out} already exists; pass --resume {out} or --overwrite")
+        os.makedirs(out, exist_ok=True)
+    main_proc = rank == 0
+    torch.manual_seed(cfg.seed)
+
+    data = load_cifar10(cfg.data_dir)
+    cfg.check_data(len(data.train_x), world)
+    train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
+    num_classes = len(data.classes)
+    loader_kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world)
+    train_loader = Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True,
+                          seed=cfg.seed, **loader_kw)
+    test_loader = Loader(data.test_x, data.test_y, 500, train=False, **loader_kw)
+    val_loader = Loader(data.train_x[val_idx], data.train_y[val_idx], 500, train=False, **loader_kw) \
+        if cfg.val_split else None
+
+    model_kwargs = {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}
+    model = build_model(cfg.arch, **model_kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    spe = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spe, cfg))
+    start_epoch, start_step, best_val = 0, 0, -1.0
+    totals = {k: torch.zeros((), device=device) for k in ("loss_sum", "correct", "count")}
+    if ckpt is not None:
+        model.load_state_dict(model_from_checkpoint(ckpt, cfg.resume_path()).state_dict())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, start_step, best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
+        for k, v in ckpt["partial"].items():
+            totals[k] = v.to(device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    train_model = model
+    if cfg.sync_bn:
+        train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[local] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = cfg.amp and device.type == "cuda"
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    last_path = os.path.join(out, "last.pt")
+    if main_proc:
+        if ckpt is None:
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(run_info(cfg, device, world), f, indent=2)
+        truncate_metrics(metrics_path, start_epoch)
+
+    def make_checkpoint(epoch_done: int, step: int) -> dict:
+        return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
+                "step": step, "partial": {k: v.detach().cpu() for k, v in totals.items() if k != "nonfinite"},
+                "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def save_mid_epoch(epoch: int, step: int) -> None:
+        if main_proc:
+            save_atomic(make_checkpoint(epoch, step), last_path)
+
+    signals = {"sig": None}
+
+    def on_signal(signum, frame):
+        signals["sig"] = signum
+
+    def stop_requested(sync: bool) -> bool:
+        if world == 1:
+            return signals["sig"] is not None
+        if not sync:  # ranks agree on stopping only at common sync points: no extra collective per step
+            return False
+        flag = torch.tensor(float(signals["sig"] is not None), device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t_start = time.time()
+    row = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if start_step == 0:
+                for v in totals.values():
+                    v.zero_()
+            totals["nonfinite"] = torch.zeros((), device=device, dtype=torch.int32)
+            t0 = time.time()
+            count0 = totals["count"].item()
+            bar = tqdm(total=spe, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not (main_proc and cfg.progress), dynamic_ncols=True)
+            try:
+                train_one_epoch(train_model, train_loader, optimizer, scheduler, criterion, epoch, totals,
+                                start_step, amp=amp, log_every=cfg.log_every, bar=bar,
+                                stop_requested=stop_requested, checkpoint=save_mid_epoch,
+                                save_every_steps=cfg.save_every_steps, distributed=world > 1)
+            finally:
+                bar.close()
+            start_step = 0
+            stats = torch.stack([totals["loss_sum"], totals["correct"], totals["count"]])
+            if world > 1:
+                dist.all_reduce(stats)
+            train_time = time.time() - t0
+            test = evaluate(model, test_loader, num_classes, amp, world > 1)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": stats[0].item() / stats[2].item(), "train_acc": stats[1].item() / stats[2].item(),
+                   "test_loss": test["loss"], "test_acc": test["acc"]}
+            if val_loader is not None:
+                val = evaluate(model, val_loader, num_classes, amp, world > 1)
+                row.update(val_loss=val["loss"], val_acc=val["acc"])
+            row.update(epoch_time_s=round(time.time() - t0, 3),
+                       images_per_s=round((totals["count"].item() - count0) * world / train_time, 1))
+            if main_proc:
+                save_atomic(make_checkpoint(epoch + 1, 0), last_path)
+                if val_loader is not None and row["val_acc"] > best_val:
+                    best_val = row["val_acc"]
+                    save_atomic(make_checkpoint(epoch + 1, 0), os.path.join(out, "best.pt"))
+                append_metrics(metrics_path, row)
+                tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if stop_requested(True):  # a signal during evaluation: last.pt above already holds this epoch
+                raise Interrupted
+    except Interrupted:
+        name = signal.Signals(signals["sig"]).name
+        if main_proc:
+            print(f"train.py: stopped by {name}; checkpoint saved, resume with: python train.py --resume {out}",
+                  file=sys.stderr)
+        raise SystemExit(128 + signals["sig"])
+    except NonFiniteLoss as e:
+        kept = f"the last good checkpoint {last_path} is intact" if os.path.exists(last_path) else "nothing saved"
+        raise UserError(f"{e}; {kept}; try a lower --lr (now {cfg.lr})", code=1) from None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    wall = time.time() - t_start
+    summary = {"out": out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),
+               "final_test_loss": row.get("test_loss"), "final_train_loss": row.get("train_loss"),
+               "best_val_acc": best_val if cfg.val_split else None, "wall_time_s": round(wall, 1)}
+    if main_proc and row:
+        from plot_curves import plot_runs
+
+        plot_runs([out], os.path.join(out, "curves.png"), title=f"{cfg.arch} (width {cfg.width}) on {cfg.data_dir}")
+        print(f"final test accuracy {100 * row['test_acc']:.2f}% after {cfg.epochs} epochs, "
+              f"wall time {wall / 60:.1f} min; run dir {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    try:
+        cfg = parse_config(argv)
+        rank, world, local = setup_distributed(cfg)
+        try:
+            return train(cfg, rank, world, local)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
+    except (UserError, DataError, CheckpointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(getattr(e, "code", 2)) from None
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("train.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
