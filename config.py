@@ -140,7 +140,7 @@ def validate(cfg: Config) -> None:
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
-    need(0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup-epochs must be in [0, --epochs), got {cfg.warmup_epochs}")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
     if cfg.milestones:
         m = cfg.milestones

@@ -71,10 +71,12 @@ def _image_files(root: str) -> dict[str, list[str]]:
 
 
 def _decode(path: str) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image  # torchvision's own dependency; its torchvision.io decoders are deprecated
 
     try:
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+        with Image.open(path) as im:
+            img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     except Exception:
         raise DataError(f"unreadable image: {path}") from None
     if img.shape[1:] != (32, 32):

@@ -1,0 +1,160 @@
+"""train.py end to end on tiny data, plot_curves.py, and the real-data check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import plot_curves
+import train
+
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s"}
+TIMING = {"epoch_time_s", "images_per_s"}
+
+
+def tiny_args(data_dir: str, out: str, *extra: str) -> list[str]:
+    return ["--data-dir", data_dir, "--arch", "resnet20", "--width", "4", "--epochs", "2", "--batch-size", "32",
+            "--out", str(out), "--no-progress", "--log-every", "2", *extra]
+
+
+def metrics(run_dir) -> list[dict]:
+    return plot_curves.read_metrics(str(run_dir))
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run_dir) -> dict:
+    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_end_to_end_writes_every_run_file(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(tiny_args(tiny_folder, out, "--val-split", "40"))
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert METRIC_KEYS | {"val_loss", "val_acc"} <= rows[0].keys()
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["arch"] == "resnet20" and info["torch"] == torch.__version__
+    assert {"torchvision", "device", "git_commit"} <= info.keys()
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # plain types only
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "arch"} <= ckpt.keys()
+    assert ckpt["epoch"] == 2 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert summary["final_test_acc"] == rows[-1]["test_acc"] and summary["out"] == str(out)
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in rows)
+
+
+def test_no_best_checkpoint_without_validation_split(tiny_folder, tmp_path):
+    train.main(tiny_args(tiny_folder, tmp_path / "r", "--epochs", "1"))
+    assert (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "best.pt").exists()
+    assert "val_acc" not in metrics(tmp_path / "r")[0]
+
+
+def test_seeded_runs_are_identical(tiny_folder, tmp_path):
+    train.main(tiny_args(tiny_folder, tmp_path / "a", "--epochs", "1"))
+    train.main(tiny_args(tiny_folder, tmp_path / "b", "--epochs", "1"))
+    train.main(tiny_args(tiny_folder, tmp_path / "c", "--epochs", "1", "--seed", "1"))
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
+    assert untimed(metrics(tmp_path / "a")) != untimed(metrics(tmp_path / "c"))
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0):
+    """Send ourselves SIGTERM at a chosen point, as a scheduler pre-empting the job would."""
+    if where == "evaluate":  # after the epoch's training: the stop lands on an epoch boundary
+        real, calls = train.evaluate, []
+
+        def evaluate(*a, **k):
+            calls.append(1)
+            if len(calls) == epoch:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(train, "evaluate", evaluate)
+    else:  # mid-epoch
+        real_batches = train.Loader.batches
+
+        def batches(self, e=0, start=0):
+            for i, b in enumerate(real_batches(self, e, start), start=start):
+                if self.train and e == epoch and i == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield b
+
+        monkeypatch.setattr(train.Loader, "batches", batches)
+
+
+@pytest.mark.parametrize("where, epoch, step", [("evaluate", 1, 0), ("batches", 1, 2)])
+def test_resume_equals_straight_run(tiny_folder, tmp_path, monkeypatch, where, epoch, step):
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
+    broken = tmp_path / "broken"
+    with monkeypatch.context() as m:
+        interrupt_at(m, where, epoch, step)
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(tiny_folder, broken, "--val-split", "40"))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert len(metrics(broken)) == 1
+    ckpt = torch.load(broken / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where == "evaluate" else (1, step + 1))
+    summary = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress"])
+    assert untimed(metrics(broken)) == untimed(metrics(straight))
+    assert_same_weights(weights(broken), weights(straight))
+    assert summary["final_test_acc"] == metrics(straight)[-1]["test_acc"]
+
+
+def test_eval_only_reproduces_logged_accuracy(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", tiny_folder])
+    assert res["test_acc"] == metrics(out)[-1]["test_acc"]
+    assert abs(res["test_loss"] - metrics(out)[-1]["test_loss"]) < 1e-6
+    assert len(res["per_class"]) == 10 and "airplane" in capsys.readouterr().out
+
+
+def test_lr_schedule_is_a_function_of_the_global_step():
+    cfg = train.Config(epochs=10, warmup_epochs=1.0, milestones=[5.0, 7.5], gamma=0.1)
+    spe = 100
+    f = [train.lr_factor(s, spe, cfg) for s in range(10 * spe)]
+    assert f[0] == pytest.approx(0.01) and f[99] == pytest.approx(1.0)  # linear warm-up over epoch 1
+    assert f[499] == 1.0 and f[500] == pytest.approx(0.1) and f[749] == pytest.approx(0.1)
+    assert f[750] == pytest.approx(0.01)
+    default = train.Config(epochs=30, warmup_epochs=0.0)
+    assert default.milestone_epochs() == [15.0, 22.5]
+
+
+def test_plot_curves_draws_a_partial_log(tmp_path):
+    run = tmp_path / "running"
+    run.mkdir()
+    row = {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.3, "test_loss": 1.8, "test_acc": 0.35,
+           "epoch_time_s": 10.0, "images_per_s": 100.0}
+    with open(run / "metrics.jsonl", "w") as f:
+        f.write(json.dumps(row) + "\n" + json.dumps({**row, "epoch": 2, "test_acc": 0.5}) + "\n")
+        f.write('{"epoch": 3, "lr": 0.0')  # the job is writing its third line
+    assert [r["epoch"] for r in plot_curves.read_metrics(str(run))] == [1, 2]
+    out = plot_curves.main([str(run), str(run), "-o", str(tmp_path / "c.png"), "--labels", "a", "b"])
+    assert os.path.getsize(out) > 10_000
+    assert plot_curves.main([str(run), "--x", "time"]) == str(run / "curves.png")
+
+
+def test_real_cifar10_one_epoch_on_5000_images(real_cifar, tmp_path):
+    """ResNet-18 (width 16), one epoch on a 5,000-image subset, tested on all 10,000 test images."""
+    s = train.main(["--data-dir", real_cifar, "--subset", "5000", "--epochs", "1", "--warmup-epochs", "0",
+                    "--out", str(tmp_path / "real"), "--no-progress"])
+    rows = metrics(tmp_path / "real")
+    assert rows[0]["test_acc"] == s["final_test_acc"]
+    assert s["final_test_acc"] > 0.25, s  # chance is 0.10
+    ckpt = torch.load(tmp_path / "real" / "last.pt", weights_only=True)
+    assert ckpt["classes"][0] == "airplane" and ckpt["classes"][-1] == "truck"
