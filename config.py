@@ -47,7 +47,10 @@ class Config:
     milestones: list = field(default=None, metadata={
         "help": "epochs at which the lr is multiplied by --gamma (default: 50%% and 75%% of --epochs)", "nargs": "+"})
     gamma: float = field(default=0.1, metadata={"help": "lr factor at each milestone"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear lr warm-up, in epochs (fractions allowed)"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "lr warm-up length, in epochs (fractions allowed)"})
+    warmup: str = field(default="linear", metadata={
+        "help": "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's ResNet-110 trick)",
+        "choices": ("linear", "constant")})
     seed: int = field(default=0, metadata={"help": "seed for init, subset, split, order and augmentation"})
     data_dir: str = field(default="./data", metadata={
         "help": "CIFAR-10: cifar-10-batches-py/ (downloaded when missing) or train/ and test/ class folders"})
@@ -109,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool" or isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
             continue
-        typ = {"arch": str, "data_dir": str, "out": str, "resume": str, "device": str, "recipe": str,
-               "milestones": float, "subset": int}.get(f.name, type(f.default))
+        typ = {"str": str, "int": int, "float": float, "list": float}[f.type]  # list: --milestones
         p.add_argument(flag, type=typ, default=f.default, **kw)
     return p
 

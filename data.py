@@ -148,7 +148,13 @@ def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -
                     return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"])
             except Exception:
                 pass  # stale or broken cache: rebuild it
-    data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download)
+    existed = os.path.isdir(data_dir)
+    try:
+        data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download)
+    except DataError:
+        if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)  # a failed download leaves no empty directory behind
+        raise
     if use_cache:
         sig = _signature(data_dir, layout)
         try:

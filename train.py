@@ -42,7 +42,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
     """LR multiplier as a function of the global step: linear warm-up, then x gamma at each milestone (epochs)."""
     t = step / steps_per_epoch  # epochs done, fractional
     if t < cfg.warmup_epochs:
-        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+        return 0.1 if cfg.warmup == "constant" else (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
     return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
 
 

@@ -86,6 +86,7 @@ def test_download_impossible_says_to_pass_data_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
     with pytest.raises(DataError, match="--data-dir"):
         load_cifar10(str(tmp_path / "new"), download=True)
+    assert not (tmp_path / "new").exists()  # no empty directory left behind
 
 
 def test_split_indices_seeded_subset_and_val():

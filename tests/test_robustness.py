@@ -1,0 +1,208 @@
+"""Never lose a run: bad flags, unsafe or broken checkpoints, NaN, kill -9, SIGTERM, torchrun DDP on CPU."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from resnet import CheckpointError, load_model
+from test_train import assert_same_weights, metrics, tiny_args, untimed, weights
+
+
+def run_main_expect_exit(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+BAD_FLAGS = [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--width", "0"], "--width must be positive"),
+    (["--milestones", "1.5", "1"], "increasing"),
+    (["--milestones", "1", "2"], "must lie in"),
+    (["--label-smoothing", "1"], "label-smoothing"),
+    (["--label-smoothing", "-0.1"], "label-smoothing"),
+    (["--arch", "resnet19"], "unknown --arch"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--eval-only"], "--eval-only needs --resume"),
+    (["--subset", "5000"], "larger than the 200 training images"),
+    (["--val-split", "200"], "leaves no training images"),
+    (["--resume", "/no/such/run"], "does not exist"),
+    (["--sync-bn"], "--sync-bn needs CUDA"),
+    (["--arch", "plain20", "--zero-init-residual"], "plain net"),
+    (["--epochs", "two"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_exits_2_with_one_line(tiny_folder, tmp_path, capsys, extra, message):
+    if extra == ["--sync-bn"] and torch.cuda.is_available():
+        pytest.skip("CUDA present: --sync-bn is valid")
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r") + extra, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("train.py: error:") and message in err, err
+
+
+def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--device", "cuda"), capsys)
+    assert code == 2 and "no CUDA device" in err
+
+
+def test_bad_flag_from_the_shell_has_no_traceback():
+    r = subprocess.run([sys.executable, "train.py", "--epochs", "-1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "train.py: error: --epochs must be positive, got -1"
+    assert "Traceback" not in r.stderr
+
+
+def test_existing_run_dir_is_never_overwritten(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    before = (out / "last.pt").read_bytes()
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, out, "--epochs", "1"), capsys)
+    assert code == 2 and "--overwrite" in err and (out / "last.pt").read_bytes() == before
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1", "--overwrite", "--seed", "3"))
+
+
+class Payload:
+    """Pickles to a call of open(marker, 'w'): code that would run on an unsafe load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tiny_folder, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"arch": "resnet20", "model": {}, "x": Payload(str(marker))}, evil)
+    with open(evil, "rb") as f:  # sanity: an unsafe load would run it
+        assert b"pwned" in f.read()
+    code, err = run_main_expect_exit(["--eval-only", "--resume", str(evil), "--data-dir", tiny_folder], capsys)
+    assert code == 2 and "unsafe" in err and str(evil) in err
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_model(str(evil))
+    assert not marker.exists()
+
+
+@pytest.fixture
+def good_run(tiny_folder, tmp_path):
+    out = tmp_path / "good"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    return out
+
+
+def test_truncated_checkpoint_gives_clear_error(tiny_folder, good_run, capsys):
+    path = good_run / "last.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for args in (["--resume", str(good_run)], ["--eval-only", "--resume", str(path)]):
+        code, err = run_main_expect_exit(args + ["--data-dir", tiny_folder], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(path) in err
+
+
+def test_checkpoint_of_another_architecture(tiny_folder, good_run, capsys):
+    ckpt = torch.load(good_run / "last.pt", weights_only=True)
+    ckpt["arch"] = "resnet32"
+    torch.save(ckpt, good_run / "other.pt")
+    code, err = run_main_expect_exit(["--eval-only", "--resume", str(good_run / "other.pt"),
+                                      "--data-dir", tiny_folder], capsys)
+    assert code == 2 and "do not fit resnet32" in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_folder, tmp_path, monkeypatch, capsys):
+    real = train.Loader.batches
+
+    def poisoned(self, epoch=0, start=0):  # epoch 2's inputs turn to NaN, as a diverging run's would
+        for x, y in real(self, epoch, start):
+            yield (x * float("nan") if self.train and epoch == 1 else x), y
+
+    monkeypatch.setattr(train.Loader, "batches", poisoned)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(tiny_folder, out, "--epochs", "3"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and "non-finite in epoch 2, steps 1-2" in err and "lower --lr" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert len(metrics(out)) == 1
+
+
+def test_huge_lr_stops_with_message(tiny_folder, tmp_path, capsys):
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--lr", "1e30", "--warmup-epochs",
+                                               "0"), capsys)
+    assert code == 1 and "non-finite" in err and "epoch 1" in err
+
+
+def start_training(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120.0) -> None:
+    t = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
+    args = ["--epochs", "3", "--save-every-steps", "2"]
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_folder, straight, *args))
+    killed = tmp_path / "killed"
+    proc = start_training(tiny_args(tiny_folder, killed, *args))
+    wait_for(killed / "last.pt", proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 9, "lr"')  # a torn line, as a crash mid-write leaves
+    train.main(["--resume", str(killed), "--data-dir", tiny_folder, "--no-progress"])
+    assert untimed(metrics(killed)) == untimed(metrics(straight))
+    assert (killed / "metrics.jsonl").read_text().count("\n") == 3
+    assert_same_weights(weights(killed), weights(straight))
+
+
+def test_sigterm_leaves_resumable_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "r"
+    proc = start_training(tiny_args(tiny_folder, out, "--epochs", "8"))
+    wait_for(out / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "resume with: python train.py --resume" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] < 8
+    s = train.main(["--resume", str(out), "--data-dir", tiny_folder, "--no-progress"])
+    assert [r["epoch"] for r in metrics(out)] == list(range(1, 9)) and s["final_test_acc"] is not None
+
+
+def test_torchrun_two_processes_gloo(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *tiny_args(tiny_folder, out)], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("final test accuracy") == 1  # only rank 0 prints
+    rows = metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == ["last.pt"]
+    model = load_model(str(out / "last.pt"))  # loads single-process, no "module." keys
+    assert model.fc.out_features == 10
+    res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", tiny_folder])
+    assert res["test_acc"] == rows[-1]["test_acc"]  # sharded evaluation counted every test image once
