@@ -132,7 +132,8 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
     for ax, name in zip(axes, ("plain", "ResNet")):
         ax.set(title=f"{name} nets (dashed: training error, solid: test error)", xlabel="epoch", ylabel="error (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     path = os.path.join(out, "ablation.png")
     fig.savefig(path, dpi=120)
     return path

@@ -245,8 +245,9 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step, best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
-        for k, v in ckpt["partial"].items():
-            totals[k] = v.to(device)
+        if rank == 0:  # the saved partial sums are already global: one rank carries them on
+            for k, v in ckpt["partial"].items():
+                totals[k] = v.to(device)
         torch.set_rng_state(ckpt["rng"]["torch"])
     train_model = model
     if cfg.sync_bn:
@@ -268,16 +269,20 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
                 json.dump(run_info(cfg, device, world), f, indent=2)
         truncate_metrics(metrics_path, start_epoch)
 
-    def make_checkpoint(epoch_done: int, step: int) -> dict:
+    def make_checkpoint(epoch_done: int, step: int, partial: dict | None = None) -> dict:
         return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-                "step": step, "partial": {k: v.detach().cpu() for k, v in totals.items() if k != "nonfinite"},
+                "step": step, "partial": partial or {k: torch.zeros(()) for k in ("loss_sum", "correct", "count")},
                 "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
                 "rng": {"torch": torch.get_rng_state()}}
 
-    def save_mid_epoch(epoch: int, step: int) -> None:
+    def save_mid_epoch(epoch: int, step: int) -> None:  # called at the same step on every rank
+        partial = {k: totals[k].detach().clone() for k in ("loss_sum", "correct", "count")}
+        if world > 1:
+            for v in partial.values():
+                dist.all_reduce(v)
         if main_proc:
-            save_atomic(make_checkpoint(epoch, step), last_path)
+            save_atomic(make_checkpoint(epoch, step, {k: v.cpu() for k, v in partial.items()}), last_path)
 
     signals = {"sig": None}
 

@@ -1,0 +1,81 @@
+"""ablate.py: the plain-vs-residual grid, its tables and figures, skipping finished runs, Figure 7 responses."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+import ablate
+from basic_block import BasicBlock
+from resnet import build_model
+
+
+def grid_args(data_dir: str, out) -> list[str]:
+    return ["--data-dir", data_dir, "--out", str(out), "--depths", "20", "32", "--seeds", "0", "--epochs", "1",
+            "--subset", "150", "--batch-size", "32", "--width", "4", "--response-images", "40"]
+
+
+def test_tiny_grid_writes_figures_and_tables_then_skips(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "abl"
+    rows = ablate.main(grid_args(tiny_folder, out))
+    archs = ["plain20", "resnet20", "plain32", "resnet32", "plain18", "resnet18"]
+    assert [r["arch"] for r in rows] == archs
+    for name in ("ablation.png", "ablation.md", "ablation.csv", "responses.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "ablation.md").read_text()
+    assert all(f"| {a} |" in md for a in archs) and "| 8.75 |" in md and "| 7.51 |" in md  # Table 6 beside ours
+    with open(out / "ablation.csv") as f:
+        table = {r["arch"]: r for r in csv.DictReader(f)}
+    assert table["plain20"]["params"] == table["resnet20"]["params"]  # option A: identical counts
+    assert int(table["resnet18"]["params"]) > int(table["plain18"]["params"])  # projection shortcuts
+    assert all(0 <= float(r["test_err"]) <= 100 for r in table.values())
+    stamps = {a: os.path.getmtime(out / a / "seed0" / "last.pt") for a in archs}
+    capsys.readouterr()
+    ablate.main(grid_args(tiny_folder, out))  # same command again: no training
+    assert capsys.readouterr().out.count("done, skipped") == len(archs)
+    assert stamps == {a: os.path.getmtime(out / a / "seed0" / "last.pt") for a in archs}
+    with pytest.raises(SystemExit) as e:  # other training flags into the same directory: refused
+        ablate.main(grid_args(tiny_folder, out) + ["--lr", "0.05"])
+    assert e.value.code == 2
+
+
+def test_interrupted_run_is_resumed(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["--data-dir", tiny_folder, "--out", str(out), "--archs", "resnet20", "--epochs", "2", "--subset", "150",
+            "--batch-size", "32", "--width", "4", "--response-images", "40"]
+    ablate.main(args)
+    ckpt_path = out / "resnet20" / "seed0" / "last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    full = ckpt["model"]
+    # pretend the run was cut after epoch 1: drop its last log line and mark the checkpoint one epoch back
+    lines = (out / "resnet20" / "seed0" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "resnet20" / "seed0" / "metrics.jsonl").write_text(lines[0])
+    ckpt["epoch"] = 1
+    torch.save(ckpt, ckpt_path)
+    capsys.readouterr()
+    ablate.main(args)
+    assert "resuming from epoch 1" in capsys.readouterr().out
+    assert len((out / "resnet20" / "seed0" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert torch.load(ckpt_path, weights_only=True)["epoch"] == 2 and full is not None
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain56", "resnet18"])
+def test_layer_responses_every_3x3_layer(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    n_blocks = sum(isinstance(m, BasicBlock) for m in model.modules())
+    stds = ablate.layer_responses(model, torch.randn(16, 3, 32, 32))
+    assert len(stds) == 2 * n_blocks + 1  # the stem, then two 3x3 layers per block (at least one per block)
+    assert all(s > 0 for s in stds) and not model.training
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stds = ablate.layer_responses(model, x)
+    with torch.no_grad():  # by hand: the stem, and the second 3x3 layer of the first block, before the addition
+        h = model.bn1(model.conv1(x))
+        block = model.stages[0][0]
+        r = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(torch.relu(h))))))
+    assert stds[0] == pytest.approx(h.std().item()) and stds[2] == pytest.approx(r.std().item())
+    # the hooks are gone afterwards
+    assert all(not bn._forward_hooks for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
