@@ -212,8 +212,9 @@ class Loader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str, train: bool,
-                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False):
+                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, augment: bool = True):
         self.x, self.y = x.to(device), y.to(device)
+        self.augment = augment  # crop + flip on training batches (off only for checks and benchmarks)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -241,5 +242,5 @@ class Loader:
         for step in range(start, len(self)):
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
-            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx])
+            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx]) if self.augment else self.x[idx]
             yield normalize(xb, self.channels_last), self.y[idx]

@@ -48,7 +48,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
 
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
                     epoch: int, totals: dict, start: int = 0, *, amp: bool = False, log_every: int = 20,
-                    bar: tqdm | None = None, stop_requested=lambda: False, checkpoint=None,
+                    bar: tqdm | None = None, stop_requested=lambda sync: False, checkpoint=None,
                     save_every_steps: int = 0, distributed: bool = False) -> None:
     """Run steps start..len(loader) of `epoch`, accumulating into totals (device tensors, no per-step sync).
 
