@@ -25,6 +25,7 @@ from torch import nn
 
 import train
 from basic_block import BasicBlock
+from config import parse_config
 from data import load_cifar10, normalize
 from plot_curves import read_metrics
 from resnet import count_parameters, load_model, model_depth
@@ -70,9 +71,10 @@ def run_one(arch: str, seed: int, out: str, recipe: list[str], data_dir: str) ->
         return
     extra = []
     if model_depth(arch) >= 110:  # the paper's warm-up for its 110-layer nets
-        n = int(recipe[recipe.index("--subset") + 1]) if "--subset" in recipe else 50000
-        steps_per_epoch = n // 128
-        extra = ["--warmup", "constant", "--warmup-epochs", f"{PAPER_WARMUP_ITERS / steps_per_epoch:.4f}"]
+        cfg = parse_config(["--arch", arch, *recipe])  # the run's own subset, split and batch size
+        steps_per_epoch = ((cfg.subset or 50_000) - cfg.val_split) // cfg.batch_size
+        warmup = min(PAPER_WARMUP_ITERS / steps_per_epoch, cfg.epochs)
+        extra = ["--warmup", "constant", "--warmup-epochs", f"{warmup:.4f}"]
     print(f"[ablate] {arch} seed {seed}: training")
     train.main(["--arch", arch, "--seed", str(seed), "--out", d, "--data-dir", data_dir, "--no-progress",
                 "--overwrite", *extra, *recipe])

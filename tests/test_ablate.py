@@ -79,3 +79,16 @@ def test_layer_responses_every_3x3_layer(name):
     assert stds[0] == pytest.approx(h.std().item()) and stds[2] == pytest.approx(r.std().item())
     # the hooks are gone afterwards
     assert all(not bn._forward_hooks for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+
+
+def test_110_layer_nets_get_the_papers_warmup(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ablate.train, "main", lambda argv: calls.append(argv))
+    ablate.run_one("resnet110", 0, str(tmp_path), ["--subset", "10000", "--epochs", "10"], "data")
+    ablate.run_one("resnet56", 0, str(tmp_path), ["--subset", "10000", "--epochs", "10"], "data")
+    ablate.run_one("plain110", 0, str(tmp_path), ["--recipe", "paper"], "data")
+    a, b, c = calls
+    assert a[a.index("--warmup") + 1] == "constant"
+    assert float(a[a.index("--warmup-epochs") + 1]) == pytest.approx(400 / 78, abs=1e-3)  # 10,000 // 128 steps
+    assert "--warmup" not in b
+    assert float(c[c.index("--warmup-epochs") + 1]) == pytest.approx(400 / 351, abs=1e-3)  # 45k/5k split
