@@ -354,6 +354,11 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
         for s, h in old_handlers.items():
             signal.signal(s, h)
     wall = time.time() - t_start
+    if not row and main_proc:  # resumed a finished run: report its logged result, train nothing
+        from plot_curves import read_metrics
+
+        row = (read_metrics(out) or [{}])[-1]
+        print(f"train.py: {out} already finished its {cfg.epochs} epochs; nothing to do", file=sys.stderr)
     summary = {"out": out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),
                "final_test_loss": row.get("test_loss"), "final_train_loss": row.get("train_loss"),
                "best_val_acc": best_val if cfg.val_split else None, "wall_time_s": round(wall, 1)}

@@ -113,6 +113,8 @@ def test_resume_equals_straight_run(tiny_folder, tmp_path, monkeypatch, where, e
     assert untimed(metrics(broken)) == untimed(metrics(straight))
     assert_same_weights(weights(broken), weights(straight))
     assert summary["final_test_acc"] == metrics(straight)[-1]["test_acc"]
+    again = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress"])  # finished: no-op
+    assert again["final_test_acc"] == summary["final_test_acc"] and len(metrics(broken)) == 2
 
 
 def test_eval_only_reproduces_logged_accuracy(tiny_folder, tmp_path, capsys):
