@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader, load_cifar10
 from resnet import build_model
-from train import train_one_epoch
+from train import new_totals, train_one_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -104,9 +104,7 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
         need = n * batch
         idx = torch.arange(need) % len(x)  # an "epoch" of exactly n steps
         loader = Loader(x[idx], y[idx], batch, device, train=True, seed=epoch[0], channels_last=channels_last)
-        totals = {k: torch.zeros((), device=device) for k in ("loss_sum", "correct", "count")}
-        totals["nonfinite"] = torch.zeros((), device=device, dtype=torch.int32)
-        train_one_epoch(model, loader, opt, sched, crit, epoch[0], totals, log_every=10**9)
+        train_one_epoch(model, loader, opt, sched, crit, epoch[0], new_totals(device), log_every=10**9)
         epoch[0] += 1
 
     return timed_windows(run_steps, batch, device, warmup, steps, windows)

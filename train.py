@@ -30,6 +30,16 @@ from data import DataError, Loader, load_cifar10, split_indices
 from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
 
 
+SUMS = ("loss_sum", "correct", "count")  # an epoch's running training sums, kept on the device
+
+
+def new_totals(device: torch.device | str) -> dict:
+    """Zeroed running sums for train_one_epoch, plus its count of non-finite losses."""
+    totals = {k: torch.zeros((), device=device) for k in SUMS}
+    totals["nonfinite"] = torch.zeros((), device=device, dtype=torch.int32)
+    return totals
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -239,7 +249,7 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
     spe = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spe, cfg))
     start_epoch, start_step, best_val = 0, 0, -1.0
-    totals = {k: torch.zeros((), device=device) for k in ("loss_sum", "correct", "count")}
+    totals = new_totals(device)
     if ckpt is not None:
         model.load_state_dict(model_from_checkpoint(ckpt, cfg.resume_path()).state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -272,12 +282,12 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
     def make_checkpoint(epoch_done: int, step: int, partial: dict | None = None) -> dict:
         return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-                "step": step, "partial": partial or {k: torch.zeros(()) for k in ("loss_sum", "correct", "count")},
+                "step": step, "partial": partial or {k: torch.zeros(()) for k in SUMS},
                 "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
                 "rng": {"torch": torch.get_rng_state()}}
 
     def save_mid_epoch(epoch: int, step: int) -> None:  # called at the same step on every rank
-        partial = {k: totals[k].detach().clone() for k in ("loss_sum", "correct", "count")}
+        partial = {k: totals[k].detach().clone() for k in SUMS}
         if world > 1:
             for v in partial.values():
                 dist.all_reduce(v)
@@ -306,7 +316,7 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
             if start_step == 0:
                 for v in totals.values():
                     v.zero_()
-            totals["nonfinite"] = torch.zeros((), device=device, dtype=torch.int32)
+            totals["nonfinite"].zero_()
             t0 = time.time()
             count0 = totals["count"].item()
             bar = tqdm(total=spe, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,

@@ -11,7 +11,7 @@ from torch import nn
 import bench
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
-from train import train_one_epoch
+from train import new_totals, train_one_epoch
 
 
 def test_flop_count_resnet18_width16():
@@ -50,8 +50,7 @@ def test_lean_loop_step_equals_reference_step():
 
     opt = bench.sgd(ours)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    totals = {k: torch.zeros(()) for k in ("loss_sum", "correct", "count")}
-    totals["nonfinite"] = torch.zeros((), dtype=torch.int32)
+    totals = new_totals("cpu")
     loader = Loader(x, y, 16, "cpu", train=True, channels_last=True, augment=False)
     train_one_epoch(ours, loader, opt, sched, crit, 0, totals)
     our_loss = (totals["loss_sum"] / totals["count"]).item()
