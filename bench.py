@@ -161,6 +161,67 @@ def classic_images_per_s(x, y, arch, width, batch, device, warmup, steps, window
     return timed_windows(run_steps, batch, device, warmup, steps, windows)
 
 
+def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 16, epochs: int = 30,
+                  workers: int = 2, seed: int = 0) -> dict:
+    """The classic loop end to end, as the popular repos write it: the time-to-accuracy baseline.
+
+    SGD lr 0.1 Nesterov, momentum 0.9, wd 5e-4, label smoothing 0.1, batch 128, lr /10 after 50% and 75% of the epochs
+    (15 and 22 of 30); DataLoader workers with per-image PIL transforms; fp32 NCHW; a .item() per step. Writes
+    out/metrics.jsonl in train.py's format (epoch_time_s = train + test), so plot_curves.py draws both side by side.
+    """
+    import torchvision.transforms as T
+
+    torch.manual_seed(seed)
+    d = load_cifar10(data_dir, download=False)
+    os.makedirs(out, exist_ok=True)
+    train_loader = torch.utils.data.DataLoader(ClassicDataset(d.train_x, d.train_y), batch_size=128, shuffle=True,
+                                               num_workers=workers)
+    test_set = ClassicDataset(d.test_x, d.test_y)
+    test_set.transform = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, num_workers=workers)
+    model = build_model(arch, width=width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, epochs * 3 // 4], gamma=0.1)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"loop": "classic", "arch": arch, "width": width, "epochs": epochs, "workers": workers,
+                   "seed": seed, "data_dir": data_dir, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "milestones": sched.milestones and sorted(sched.milestones)}, f, indent=2)
+    open(os.path.join(out, "metrics.jsonl"), "w").close()
+    row = {}
+    for epoch in range(epochs):
+        t0 = time.time()
+        model.train()
+        loss_sum = correct = seen = 0
+        for xb, yb in train_loader:
+            logits = model(xb)
+            loss = crit(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        train_time = time.time() - t0
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        model.eval()
+        test_loss = test_correct = 0.0
+        with torch.no_grad():
+            for xb, yb in test_loader:
+                logits = model(xb)
+                test_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+                test_correct += (logits.argmax(1) == yb).sum().item()
+        n = len(test_set)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "test_loss": test_loss / n, "test_acc": test_correct / n, "epoch_time_s": round(time.time() - t0, 3),
+               "images_per_s": round(seen / train_time, 1)}
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return row
+
+
 def startup_seconds(data_dir: str | None) -> dict:
     """Seconds to the first batch: decoding a cold image folder, and loading the uint8 cache."""
     if not data_dir or not os.path.isdir(os.path.join(data_dir, "train")):
@@ -192,7 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--quick", action="store_true", help="a small version that runs in seconds (for tests)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--classic-train", metavar="OUT", default=None,
+                   help="instead: train the classic loop end to end (--epochs, the 30-epoch baseline) into OUT")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of --classic-train")
     a = p.parse_args(argv)
+    if a.classic_train:
+        if not a.data_dir:
+            p.exit(2, "bench.py: error: --classic-train needs --data-dir\n")
+        return classic_train(a.data_dir, a.classic_train, a.arch, a.width, a.epochs)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     warmup, steps, windows = (1, 2, 1) if a.quick else (5, a.steps, a.windows)

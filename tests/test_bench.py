@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -69,3 +70,16 @@ def test_lean_loop_step_equals_reference_step():
         assert (p.grad - q.grad).abs().max() <= 1e-2 * q.grad.abs().max() + 1e-7, name
         step_ours, step_ref = p - before[name], q - before[name]  # and the same update
         assert (step_ours - step_ref).abs().max() <= 1e-2 * step_ref.abs().max() + 1e-9, name
+
+
+def test_classic_train_writes_train_py_metrics(tmp_path, tiny_folder):
+    """The time-to-accuracy baseline runs end to end and logs what plot_curves.py reads, with its step schedule."""
+    from plot_curves import plot_runs, read_metrics
+
+    out = str(tmp_path / "classic")
+    bench.main(["--classic-train", out, "--data-dir", tiny_folder, "--epochs", "4", "--width", "4"])
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01, 0.001])  # /10 after epochs 2 and 3 of 4
+    assert all(r["epoch_time_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
+    assert os.path.isfile(plot_runs([out], str(tmp_path / "c.png"), x="time"))
