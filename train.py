@@ -49,10 +49,13 @@ class Interrupted(Exception):
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
-    """LR multiplier as a function of the global step: linear warm-up, then x gamma at each milestone (epochs)."""
+    """LR multiplier as a function of the global step: warm-up, then x gamma at each milestone (epochs) or a
+    linear decay that reaches 0 after the last step."""
     t = step / steps_per_epoch  # epochs done, fractional
     if t < cfg.warmup_epochs:
         return 0.1 if cfg.warmup == "constant" else (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "linear":
+        return max(0.0, (cfg.epochs - t) / (cfg.epochs - cfg.warmup_epochs))
     return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
 
 
@@ -109,26 +112,37 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool = False,
-             distributed: bool = False) -> dict:
-    """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced."""
+             distributed: bool = False, tta: bool = False) -> dict:
+    """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced.
+
+    tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
+    """
     model.eval()
     dev = loader.device
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
     correct = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
-    for x, y in loader.batches():
+    correct_tta = torch.zeros((), device=dev, dtype=torch.float64)
+    for x, y in loader.batches():  # x: (B, 3, H, W)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            logits = model(x).float()  # (B, num_classes)
+            if tta:
+                both = logits + model(x.flip(3)).float()  # flip the width axis
+                correct_tta += (both.argmax(1) == y).sum()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         total += torch.bincount(y, minlength=num_classes)
         correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
-    stats = torch.cat([loss_sum.view(1), correct, total])
+    stats = torch.cat([loss_sum.view(1), correct_tta.view(1), correct, total])
     if distributed:
         dist.all_reduce(stats)
-    loss_sum, correct, total = stats[0].item(), stats[1:1 + num_classes], stats[1 + num_classes:]
+    loss_sum, correct_tta = stats[0].item(), stats[1].item()
+    correct, total = stats[2:2 + num_classes], stats[2 + num_classes:]
     n = total.sum().item()
-    return {"loss": loss_sum / n, "acc": correct.sum().item() / n, "count": int(n),
-            "per_class": (correct / total.clamp(min=1)).tolist()}
+    out = {"loss": loss_sum / n, "acc": correct.sum().item() / n, "count": int(n),
+           "per_class": (correct / total.clamp(min=1)).tolist()}
+    if tta:
+        out["acc_tta"] = correct_tta / n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -204,12 +218,14 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
     data = load_cifar10(cfg.data_dir)
     loader = Loader(data.test_x, data.test_y, 500, device, train=False)
-    res = evaluate(model, loader, len(data.classes))
-    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%  ({res['count']} images, "
+    res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
+    tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
+    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, "
           f"checkpoint epoch {ckpt.get('epoch')})")
     for name, acc in zip(data.classes, res["per_class"]):
         print(f"  {name:<12} {100 * acc:6.2f}%")
-    return {"test_loss": res["loss"], "test_acc": res["acc"], "per_class": dict(zip(data.classes, res["per_class"]))}
+    return {"test_loss": res["loss"], "test_acc": res["acc"], "test_acc_tta": res.get("acc_tta"),
+            "per_class": dict(zip(data.classes, res["per_class"]))}
 
 
 def train(cfg: Config, rank: int, world: int, local: int) -> dict:
@@ -333,10 +349,12 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
             if world > 1:
                 dist.all_reduce(stats)
             train_time = time.time() - t0
-            test = evaluate(model, test_loader, num_classes, amp, world > 1)
+            test = evaluate(model, test_loader, num_classes, amp, world > 1, cfg.tta)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": stats[0].item() / stats[2].item(), "train_acc": stats[1].item() / stats[2].item(),
                    "test_loss": test["loss"], "test_acc": test["acc"]}
+            if cfg.tta:
+                row["test_acc_tta"] = test["acc_tta"]
             if val_loader is not None:
                 val = evaluate(model, val_loader, num_classes, amp, world > 1)
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
@@ -370,13 +388,15 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
         row = (read_metrics(out) or [{}])[-1]
         print(f"train.py: {out} already finished its {cfg.epochs} epochs; nothing to do", file=sys.stderr)
     summary = {"out": out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),
+               "final_test_acc_tta": row.get("test_acc_tta"),
                "final_test_loss": row.get("test_loss"), "final_train_loss": row.get("train_loss"),
                "best_val_acc": best_val if cfg.val_split else None, "wall_time_s": round(wall, 1)}
     if main_proc and row:
         from plot_curves import plot_runs
 
         plot_runs([out], os.path.join(out, "curves.png"), title=f"{cfg.arch} (width {cfg.width}) on {cfg.data_dir}")
-        print(f"final test accuracy {100 * row['test_acc']:.2f}% after {cfg.epochs} epochs, "
+        tta = f" ({100 * row['test_acc_tta']:.2f}% with flip TTA)" if "test_acc_tta" in row else ""
+        print(f"final test accuracy {100 * row['test_acc']:.2f}%{tta} after {cfg.epochs} epochs, "
               f"wall time {wall / 60:.1f} min; run dir {out}")
     return summary
 

@@ -43,6 +43,8 @@ BAD_FLAGS = [
     (["--sync-bn"], "--sync-bn needs CUDA"),
     (["--arch", "plain20", "--zero-init-residual"], "plain net"),
     (["--epochs", "two"], "invalid int value"),
+    (["--schedule", "linear", "--milestones", "1"], "--milestones are for --schedule step"),
+    (["--schedule", "cosine"], "invalid choice"),
 ]
 
 

@@ -137,6 +137,40 @@ def test_lr_schedule_is_a_function_of_the_global_step():
     assert default.milestone_epochs() == [15.0, 22.5]
 
 
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    cfg = train.Config(epochs=10, warmup_epochs=2.0, schedule="linear")
+    spe = 100
+    f = [train.lr_factor(s, spe, cfg) for s in range(10 * spe + 1)]
+    assert f[199] == pytest.approx(1.0) and f[200] == pytest.approx(1.0)  # peak at the end of warm-up
+    assert f[600] == pytest.approx(0.5) and f[1000] == 0.0  # halfway down at epoch 6, zero after the last step
+    assert all(a >= b for a, b in zip(f[200:], f[201:]))
+
+
+def test_fast_recipe_sets_defaults_and_flags_still_win():
+    cfg = train.parse_config(["--recipe", "fast", "--out", "x"])
+    assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.warmup_epochs) == (18, "linear", 0.2, 2.0)
+    assert train.parse_config(["--recipe", "fast", "--epochs", "12", "--out", "x"]).epochs == 12
+
+
+def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
+    """--tta reports, beside the plain accuracy, the accuracy of logits averaged over each image and its mirror."""
+    from data import Loader, load_cifar10
+    from resnet import load_model
+
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1", "--tta"))
+    row = metrics(out)[-1]
+    model = load_model(str(out / "last.pt")).to(memory_format=torch.channels_last)  # as train.py evaluates
+    d = load_cifar10(tiny_folder)
+    x, y = next(Loader(d.test_x, d.test_y, 1000, "cpu", train=False, channels_last=True).batches())
+    with torch.no_grad():
+        plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
+    assert row["test_acc"] == pytest.approx((plain.argmax(1) == y).float().mean().item())
+    assert row["test_acc_tta"] == pytest.approx(((plain + mirrored).argmax(1) == y).float().mean().item())
+    res = train.main(["--eval-only", "--tta", "--resume", str(out), "--data-dir", tiny_folder])
+    assert res["test_acc_tta"] == pytest.approx(row["test_acc_tta"])
+
+
 def test_plot_curves_draws_a_partial_log(tmp_path):
     run = tmp_path / "running"
     run.mkdir()
