@@ -82,8 +82,9 @@ class BasicBlock(nn.Module):
         return self.shortcut is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C_in, H, W)
-        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_out, H/s, W/s)
+        # In-place ReLU and addition save a pass over memory; BN's backward needs its input, not its output.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # (B, C_out, H/s, W/s)
         out = self.bn2(self.conv2(out))  # F(x): the residual
         if self.shortcut is not None:
-            out = out + self.shortcut(x)  # H(x) = F(x) + x
-        return F.relu(out)
+            out += self.shortcut(x)  # H(x) = F(x) + x
+        return F.relu(out, inplace=True)

@@ -91,12 +91,15 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, channels_last=True) -> float:
+def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, channels_last=True,
+                      compile=False) -> float:
     """train.py's train_one_epoch over the uint8 on-device Loader (crop + flip + normalise in batches)."""
     model = build_model(arch, width=width).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt, crit = sgd(model), nn.CrossEntropyLoss(label_smoothing=0.1)
+    if compile:
+        model = torch.compile(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     epoch = [0]
 
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--quick", action="store_true", help="a small version that runs in seconds (for tests)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (compiles first)")
     p.add_argument("--classic-train", metavar="OUT", default=None,
                    help="instead: train the classic loop end to end (--epochs, the 30-epoch baseline) into OUT")
     p.add_argument("--epochs", type=int, default=30, help="epochs of --classic-train")
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = dict(device=device, warmup=warmup, steps=steps, windows=windows)
     ours = ours_images_per_s(x, y, a.arch, a.width, batch, **run)
     ours_nchw = ours_images_per_s(x, y, a.arch, a.width, batch, channels_last=False, **run)
+    ours_compiled = ours_images_per_s(x, y, a.arch, a.width, batch, compile=True, **run) if a.compile else None
     mem_ours = peak_memory_mb(device)
     classic = classic_images_per_s(x, y, a.arch, a.width, batch, **run)
 
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"arch": a.arch, "width": a.width, "batch_size": batch, "train_gflop_per_image": round(flops / 1e9, 4)},
         "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4)},
         "ours_images_per_s": round(ours, 1), "ours_nchw_images_per_s": round(ours_nchw, 1),
+        "ours_compiled_images_per_s": ours_compiled and round(ours_compiled, 1),
         "classic_images_per_s": round(classic, 1), "speedup_vs_classic": round(ours / classic, 2),
         "mfu_fp32": round(flops * ours / peak32, 4), "peak_memory_mb": round(mem_ours, 1),
         "startup": startup_seconds(a.data_dir),
@@ -329,6 +335,8 @@ def print_report(r: dict) -> None:
     print(f"{'loop':<34}{'images/s':>10}")
     print(f"{'ours (uint8 on device, channels_last)':<34}{r['ours_images_per_s']:>10}")
     print(f"{'ours, NCHW':<34}{r['ours_nchw_images_per_s']:>10}")
+    if r["ours_compiled_images_per_s"]:
+        print(f"{'ours + torch.compile':<34}{r['ours_compiled_images_per_s']:>10}")
     print(f"{'classic (DataLoader + PIL, NCHW)':<34}{r['classic_images_per_s']:>10}")
     print(f"speed-up {r['speedup_vs_classic']}x, MFU (fp32) {100 * r['mfu_fp32']:.1f}%, "
           f"peak memory {r['peak_memory_mb']} MB, start-up {r['startup']}")

@@ -148,7 +148,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 
 def test_fast_recipe_sets_defaults_and_flags_still_win():
     cfg = train.parse_config(["--recipe", "fast", "--out", "x"])
-    assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.warmup_epochs) == (18, "linear", 0.2, 2.0)
+    assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.warmup_epochs) == (20, "linear", 0.2, 2.0)
     assert train.parse_config(["--recipe", "fast", "--epochs", "12", "--out", "x"]).epochs == 12
 
 
