@@ -185,3 +185,19 @@ def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
         raise UserError("--amp (bf16 autocast) is for CUDA; drop it on CPU")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
+
+
+def run_info(cfg: Config, device: torch.device, world: int) -> dict:
+    """What config.json records: the config, library versions, device, world size and git commit."""
+    import subprocess
+
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}

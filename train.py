@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import Config, UserError, parse_config, resolve_device, validate_runtime
+from config import Config, UserError, parse_config, resolve_device, run_info, validate_runtime
 from data import DataError, Loader, load_cifar10, split_indices
 from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
 
@@ -179,21 +179,6 @@ def truncate_metrics(path: str, epochs_done: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
-
-
-def run_info(cfg: Config, device: torch.device, world: int) -> dict:
-    import subprocess
-
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"config": asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -25,7 +25,7 @@ def test_quick_writes_every_key(tiny_folder, tmp_path):
     bench.main(["--quick", "--data-dir", tiny_folder, "--json", str(path)])
     r = json.loads(path.read_text())
     for key in ("date", "command", "machine", "model", "matmul_peak_tflops", "ours_images_per_s",
-                "ours_nchw_images_per_s", "classic_images_per_s", "speedup_vs_classic", "mfu_fp32",
+                "ours_nchw_images_per_s", "classic_images_per_s", "speedup_vs_classic", "rounds", "mfu_fp32",
                 "peak_memory_mb", "startup", "scaling", "notes"):
         assert key in r, key
     assert r["ours_images_per_s"] > 0 and r["classic_images_per_s"] > 0 and r["matmul_peak_tflops"]["fp32"] > 0
