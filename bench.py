@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import CIFAR10_MEAN, CIFAR10_STD, Loader, load_cifar10
+from data import CIFAR10_MEAN, CIFAR10_STD, DataError, Loader, load_cifar10
 from resnet import build_model
 from train import new_totals, train_one_epoch
 
@@ -363,4 +363,11 @@ def print_report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except DataError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # --classic-train keeps the epochs it has logged
+        print("bench.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -83,3 +83,15 @@ def test_classic_train_writes_train_py_metrics(tmp_path, tiny_folder):
     assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01, 0.001])  # /10 after epochs 2 and 3 of 4
     assert all(r["epoch_time_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in rows)
     assert os.path.isfile(plot_runs([out], str(tmp_path / "c.png"), x="time"))
+
+
+def test_bad_data_dir_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "bench.py", "--classic-train", str(tmp_path / "c"), "--data-dir",
+                        str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"bench.py: error: data directory {tmp_path / 'missing'} does not exist"]
