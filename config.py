@@ -19,7 +19,7 @@ RECIPES = {
     "default": {},
     "paper": dict(epochs=182, milestones=[91.2, 136.8], lr=0.1, batch_size=128, momentum=0.9, nesterov=False,
                   weight_decay=1e-4, label_smoothing=0.0, warmup_epochs=0.0, val_split=5000),
-    # Time to accuracy (README, "Performance"): fewer epochs, a higher peak, and a linear decay to zero instead of steps.
+    # Time to accuracy (README, "Speed"): fewer epochs, a higher peak, and a linear decay to zero instead of steps.
     "fast": dict(epochs=20, schedule="linear", lr=0.2, warmup_epochs=2.0),
 }
 # Flags that describe this process, not the experiment: a resumed run takes them from the new command line.
