@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, Loader, load_cifar10
 from resnet import build_model
-from train import new_totals, train_one_epoch
+from train import append_metrics, format_row, new_totals, train_one_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -89,8 +89,8 @@ def timed_windows(run_steps, batch: int, device: torch.device, warmup: int, step
     return statistics.median(rates)
 
 
-def sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
 def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, channels_last=True,
@@ -118,13 +118,13 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
 class ClassicDataset(torch.utils.data.Dataset):
     """The popular repos' data path: a PIL image per sample through torchvision transforms."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, train: bool = True):
         import torchvision.transforms as T
 
         self.images = x.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3) uint8, as torchvision's CIFAR10 holds them
         self.labels = y.tolist()
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                                    T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+        self.transform = T.Compose([*augment, T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -135,13 +135,14 @@ class ClassicDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, crit) -> torch.Tensor:
-    """The classic training step: fp32, NCHW, as written in every CIFAR tutorial."""
+def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, crit) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classic training step: fp32, NCHW, as written in every CIFAR tutorial. Returns (loss, logits)."""
     opt.zero_grad()
-    loss = crit(model(x), y)
+    logits = model(x)
+    loss = crit(logits, y)
     loss.backward()
     opt.step()
-    return loss
+    return loss, logits
 
 
 def classic_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, workers=2) -> float:
@@ -174,36 +175,30 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
     (15 and 22 of 30); DataLoader workers with per-image PIL transforms; fp32 NCHW; a .item() per step. Writes
     out/metrics.jsonl in train.py's format (epoch_time_s = train + test), so plot_curves.py draws both side by side.
     """
-    import torchvision.transforms as T
-
     torch.manual_seed(seed)
     d = load_cifar10(data_dir, download=False)
     os.makedirs(out, exist_ok=True)
     train_loader = torch.utils.data.DataLoader(ClassicDataset(d.train_x, d.train_y), batch_size=128, shuffle=True,
                                                num_workers=workers)
-    test_set = ClassicDataset(d.test_x, d.test_y)
-    test_set.transform = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    test_set = ClassicDataset(d.test_x, d.test_y, train=False)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, num_workers=workers)
     model = build_model(arch, width=width)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = sgd(model, lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, epochs * 3 // 4], gamma=0.1)
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"loop": "classic", "arch": arch, "width": width, "epochs": epochs, "workers": workers,
                    "seed": seed, "data_dir": data_dir, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "milestones": sched.milestones and sorted(sched.milestones)}, f, indent=2)
-    open(os.path.join(out, "metrics.jsonl"), "w").close()
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    open(metrics_path, "w").close()
     row = {}
     for epoch in range(epochs):
         t0 = time.time()
         model.train()
         loss_sum = correct = seen = 0
         for xb, yb in train_loader:
-            logits = model(xb)
-            loss = crit(logits, yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss, logits = reference_step(model, xb, yb, opt, crit)
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
@@ -221,9 +216,8 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "test_loss": test_loss / n, "test_acc": test_correct / n, "epoch_time_s": round(time.time() - t0, 3),
                "images_per_s": round(seen / train_time, 1)}
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        append_metrics(metrics_path, row)
+        print(format_row(row), flush=True)
     return row
 
 

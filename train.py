@@ -155,6 +155,11 @@ def save_atomic(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def format_row(row: dict) -> str:
+    """One metrics row as the line printed after each epoch."""
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
 def append_metrics(path: str, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -351,7 +356,7 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
                     best_val = row["val_acc"]
                     save_atomic(make_checkpoint(epoch + 1, 0), os.path.join(out, "best.pt"))
                 append_metrics(metrics_path, row)
-                tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                tqdm.write(format_row(row))
             if stop_requested(True):  # a signal during evaluation: last.pt above already holds this epoch
                 raise Interrupted
     except Interrupted:
