@@ -396,7 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse_config(argv)
         rank, world, local = setup_distributed(cfg)
         try:
-            return train(cfg, rank, world, local)
+            result = train(cfg, rank, world, local)
+            if world > 1:  # rank 0 still plots and logs: no rank closes its connections before all are done
+                dist.barrier()
+            return result
         finally:
             if world > 1:
                 dist.destroy_process_group()
