@@ -2,15 +2,15 @@
 
     python bench.py --data-dir data --json benchmarks/cpu.json      # full run (minutes on a 2-core CPU)
     python bench.py --quick                                         # seconds; synthetic data
-    python bench.py --classic-train runs/classic --data-dir data    # the classic loop trained end to end (30 epochs)
 
 Measures, on the same model, batch size and data:
   - training images/s (median of timed windows after warm-up) of train.py's own train_one_epoch on the uint8
     on-device Loader, and of the classic loop (DataLoader, 2 workers, per-image PIL RandomCrop/Flip/ToTensor/
-    Normalize, fp32 NCHW), written out below as the baseline; their ratio. The loops alternate in --rounds rounds
-    (a shared host drifts) and the speed-up is the median of the per-round ratios;
+    Normalize, fp32 NCHW; classic.py), and with --compile of ours under torch.compile; their ratios. The loops
+    alternate in --rounds rounds (a shared host drifts) and a speed-up is the median of the per-round ratios;
   - the measured matmul peak (fp32, and bf16 where the device has native bf16) and our model-FLOPs utilisation:
-    training FLOPs per image (torch.utils.flop_counter, forward + backward) x images/s / peak;
+    training FLOPs per image (torch.utils.flop_counter, forward + backward) x images/s / peak; and where the step's
+    time goes (torch.profiler: convolutions, BatchNorm, the rest), with the MFU of the convolutions alone;
   - peak memory (process max RSS on CPU, torch.cuda.max_memory_allocated on GPU);
   - data start-up: seconds to the first batch from a cold image folder (decode) and from the uint8 cache;
   - scaling tables: images/s and MFU against width, depth and batch size.
@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import CIFAR10_MEAN, CIFAR10_STD, DataError, Loader, load_cifar10
+from classic import ClassicDataset, reference_step, sgd
+from data import DataError, Loader, load_cifar10
 from resnet import build_model
-from train import append_metrics, format_row, new_totals, train_one_epoch
+from train import new_totals, train_one_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -89,13 +90,12 @@ def timed_windows(run_steps, batch: int, device: torch.device, warmup: int, step
     return statistics.median(rates)
 
 
-def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-
 def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, channels_last=True,
-                      compile=False) -> float:
-    """train.py's train_one_epoch over the uint8 on-device Loader (crop + flip + normalise in batches)."""
+                      compile=False, profile=False) -> float | dict:
+    """train.py's train_one_epoch over the uint8 on-device Loader (crop + flip + normalise in batches).
+
+    profile=True: instead, where `steps` steps spend their time (see time_breakdown).
+    """
     model = build_model(arch, width=width).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -112,37 +112,29 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
         train_one_epoch(model, loader, opt, sched, crit, epoch[0], new_totals(device), log_every=10**9)
         epoch[0] += 1
 
+    if profile:
+        return time_breakdown(run_steps, warmup, steps, device)
     return timed_windows(run_steps, batch, device, warmup, steps, windows)
 
 
-class ClassicDataset(torch.utils.data.Dataset):
-    """The popular repos' data path: a PIL image per sample through torchvision transforms."""
+def time_breakdown(run_steps, warmup: int, steps: int, device: torch.device) -> dict:
+    """Wall-clock seconds of `steps` training steps, and the seconds of them spent in convolutions (forward and
+    backward) and in BatchNorm: torch.profiler's self time of the aten ops (their kernels' time on a GPU)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on a CPU-only host
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, train: bool = True):
-        import torchvision.transforms as T
-
-        self.images = x.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3) uint8, as torchvision's CIFAR10 holds them
-        self.labels = y.tolist()
-        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
-        self.transform = T.Compose([*augment, T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
-def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, crit) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classic training step: fp32, NCHW, as written in every CIFAR tutorial. Returns (loss, logits)."""
-    opt.zero_grad()
-    logits = model(x)
-    loss = crit(logits, y)
-    loss.backward()
-    opt.step()
-    return loss, logits
+    run_steps(warmup)
+    sync(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t = time.perf_counter()
+        run_steps(steps)
+        sync(device)
+        wall = time.perf_counter() - t
+    ops = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+           for e in prof.key_averages() if e.key.startswith("aten::")}
+    return {"wall_s": wall, "conv_s": sum(v for k, v in ops.items() if "conv" in k),
+            "batchnorm_s": sum(v for k, v in ops.items() if "batch_norm" in k)}
 
 
 def classic_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, workers=2) -> float:
@@ -165,60 +157,6 @@ def classic_images_per_s(x, y, arch, width, batch, device, warmup, steps, window
             reference_step(model, xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), opt, crit)
 
     return timed_windows(run_steps, batch, device, warmup, steps, windows)
-
-
-def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 16, epochs: int = 30,
-                  workers: int = 2, seed: int = 0) -> dict:
-    """The classic loop end to end, as the popular repos write it: the time-to-accuracy baseline.
-
-    SGD lr 0.1 Nesterov, momentum 0.9, wd 5e-4, label smoothing 0.1, batch 128, lr /10 after 50% and 75% of the epochs
-    (15 and 22 of 30); DataLoader workers with per-image PIL transforms; fp32 NCHW; a .item() per step. Writes
-    out/metrics.jsonl in train.py's format (epoch_time_s = train + test), so plot_curves.py draws both side by side.
-    """
-    torch.manual_seed(seed)
-    d = load_cifar10(data_dir, download=False)
-    os.makedirs(out, exist_ok=True)
-    train_loader = torch.utils.data.DataLoader(ClassicDataset(d.train_x, d.train_y), batch_size=128, shuffle=True,
-                                               num_workers=workers)
-    test_set = ClassicDataset(d.test_x, d.test_y, train=False)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, num_workers=workers)
-    model = build_model(arch, width=width)
-    opt = sgd(model, lr=0.1)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, epochs * 3 // 4], gamma=0.1)
-    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"loop": "classic", "arch": arch, "width": width, "epochs": epochs, "workers": workers,
-                   "seed": seed, "data_dir": data_dir, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "milestones": sched.milestones and sorted(sched.milestones)}, f, indent=2)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    open(metrics_path, "w").close()
-    row = {}
-    for epoch in range(epochs):
-        t0 = time.time()
-        model.train()
-        loss_sum = correct = seen = 0
-        for xb, yb in train_loader:
-            loss, logits = reference_step(model, xb, yb, opt, crit)
-            loss_sum += loss.item() * len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
-            seen += len(yb)
-        train_time = time.time() - t0
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        model.eval()
-        test_loss = test_correct = 0.0
-        with torch.no_grad():
-            for xb, yb in test_loader:
-                logits = model(xb)
-                test_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-                test_correct += (logits.argmax(1) == yb).sum().item()
-        n = len(test_set)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-               "test_loss": test_loss / n, "test_acc": test_correct / n, "epoch_time_s": round(time.time() - t0, 3),
-               "images_per_s": round(seen / train_time, 1)}
-        append_metrics(metrics_path, row)
-        print(format_row(row), flush=True)
-    return row
 
 
 def startup_seconds(data_dir: str | None) -> dict:
@@ -254,14 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side comparison")
     p.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (compiles first)")
-    p.add_argument("--classic-train", metavar="OUT", default=None,
-                   help="instead: train the classic loop end to end (--epochs, the 30-epoch baseline) into OUT")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of --classic-train")
     a = p.parse_args(argv)
-    if a.classic_train:
-        if not a.data_dir:
-            p.exit(2, "bench.py: error: --classic-train needs --data-dir\n")
-        return classic_train(a.data_dir, a.classic_train, a.arch, a.width, a.epochs)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     warmup, steps, windows = (1, 2, 1) if a.quick else (5, a.steps, a.windows)
@@ -284,16 +215,19 @@ def main(argv: list[str] | None = None) -> dict:
     run = dict(device=device, warmup=warmup, steps=steps, windows=windows)
     # Interleaved rounds: a shared host drifts by 10-20% over minutes, so each round times every loop back to back
     # and the speed-up is the median of the per-round ratios.
-    rounds = {"ours": [], "ours_nchw": [], "classic": []}
+    rounds = {"ours": [], "ours_nchw": [], "classic": []} | ({"ours_compiled": []} if a.compile else {})
     for i in range(1 if a.quick else a.rounds):
         rounds["ours"].append(ours_images_per_s(x, y, a.arch, a.width, batch, **run))
         rounds["ours_nchw"].append(ours_images_per_s(x, y, a.arch, a.width, batch, channels_last=False, **run))
         if i == 0:
             mem_ours = peak_memory_mb(device)  # the high-water mark of our loops, before the classic one runs
         rounds["classic"].append(classic_images_per_s(x, y, a.arch, a.width, batch, **run))
-    ours, ours_nchw, classic = (statistics.median(rounds[k]) for k in ("ours", "ours_nchw", "classic"))
-    speedup = statistics.median(o / c for o, c in zip(rounds["ours"], rounds["classic"]))
-    ours_compiled = ours_images_per_s(x, y, a.arch, a.width, batch, compile=True, **run) if a.compile else None
+        if a.compile:  # a fresh model each round: after the first, inductor's cache makes the compile short
+            rounds["ours_compiled"].append(ours_images_per_s(x, y, a.arch, a.width, batch, compile=True, **run))
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    speedup = {k: round(statistics.median(o / c for o, c in zip(rounds[k], rounds["classic"])), 2)
+               for k in rounds if k != "classic"}  # median of the per-round ratios
+    where = ours_images_per_s(x, y, a.arch, a.width, batch, profile=True, **run)
     peak32 = max(peak32, matmul_peak(device, torch.float32, n, 3 if a.quick else 10))  # again: the host drifts
 
     scaling_run = dict(run, steps=max(2, steps // 4), windows=min(windows, 3))  # shorter windows: bigger nets
@@ -313,11 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__, "python": platform.python_version()},
         "model": {"arch": a.arch, "width": a.width, "batch_size": batch, "train_gflop_per_image": round(flops / 1e9, 4)},
         "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4)},
-        "ours_images_per_s": round(ours, 1), "ours_nchw_images_per_s": round(ours_nchw, 1),
-        "ours_compiled_images_per_s": ours_compiled and round(ours_compiled, 1),
-        "classic_images_per_s": round(classic, 1), "speedup_vs_classic": round(speedup, 2),
+        **{f"{k}_images_per_s": round(med[k], 1) if k in med else None
+           for k in ("ours", "ours_nchw", "classic", "ours_compiled")},
+        "speedup_vs_classic": speedup["ours"], "speedup_vs_classic_by_loop": speedup,
         "rounds": {k: [round(v, 1) for v in vals] for k, vals in rounds.items()},
-        "mfu_fp32": round(flops * ours / peak32, 4), "peak_memory_mb": round(mem_ours, 1),
+        "mfu_fp32": round(flops * med["ours"] / peak32, 4), "peak_memory_mb": round(mem_ours, 1),
+        # the ceiling: the FLOPs counted are the convolutions' (and the 0.004% of the final linear layer)
+        "time_breakdown": {"steps": steps, "conv_share": round(where["conv_s"] / where["wall_s"], 3),
+                           "batchnorm_share": round(where["batchnorm_s"] / where["wall_s"], 3),
+                           "conv_only_mfu_fp32": round(flops * steps * batch / where["conv_s"] / peak32, 4)},
         "startup": startup_seconds(a.data_dir),
         "scaling": {"width": [row("resnet18", w, batch) for w in widths],
                     "depth": [row(dep, 16, batch) for dep in depths],
@@ -339,14 +277,21 @@ def print_report(r: dict) -> None:
     print(f"model {m['arch']} width {m['width']}, batch {m['batch_size']}: {m['train_gflop_per_image']} GFLOP "
           f"per training image; matmul peak fp32 {r['matmul_peak_tflops']['fp32']} TFLOP/s, "
           f"bf16 {r['matmul_peak_tflops']['bf16']}")
-    print(f"{'loop':<38}{'images/s (median)':>18}   rounds")
+    print(f"{'loop':<38}{'images/s (median)':>18}{'speed-up':>10}   rounds")
     for key, name in (("ours", "ours (uint8 on device, channels_last)"), ("ours_nchw", "ours, NCHW"),
-                      ("classic", "classic (DataLoader + PIL, NCHW)")):
-        print(f"{name:<38}{r[key + '_images_per_s']:>18}   {r['rounds'][key]}")
-    if r["ours_compiled_images_per_s"]:
-        print(f"{'ours + torch.compile (one round)':<38}{r['ours_compiled_images_per_s']:>18}")
+                      ("classic", "classic (DataLoader + PIL, NCHW)"), ("ours_compiled", "ours + torch.compile")):
+        if key in r["rounds"]:
+            ratio = r["speedup_vs_classic_by_loop"].get(key, "")
+            speed = r[key + "_images_per_s"]
+            print(f"{name:<38}{speed:>18}{ratio and f'{ratio}x':>10}   {r['rounds'][key]}")
+    t = r["time_breakdown"]
     print(f"speed-up {r['speedup_vs_classic']}x (median of per-round ratios), MFU (fp32) {100 * r['mfu_fp32']:.1f}%, "
           f"peak memory {r['peak_memory_mb']} MB, start-up {r['startup']}")
+    rest = 1 - t["conv_share"] - t["batchnorm_share"]
+    print(f"where {t['steps']} steps of ours spend their time (torch.profiler): convolutions "
+          f"{100 * t['conv_share']:.0f}%, BatchNorm {100 * t['batchnorm_share']:.0f}%, the rest {100 * rest:.0f}%; "
+          f"the convolutions alone run at {100 * t['conv_only_mfu_fp32']:.1f}% of the matmul peak (the MFU if "
+          "nothing else took time)")
     for name, rows in r["scaling"].items():
         print(f"\nscaling by {name}:\n{'arch':<10}{'width':>6}{'batch':>7}{'GFLOP/img':>11}{'img/s':>9}{'MFU':>8}")
         for x in rows:
@@ -362,6 +307,6 @@ if __name__ == "__main__":
     except DataError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # --classic-train keeps the epochs it has logged
+    except KeyboardInterrupt:
         print("bench.py: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

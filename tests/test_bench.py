@@ -1,4 +1,5 @@
-"""bench.py: FLOP count, --quick end to end, and the lean loop computing exactly what the classic step computes."""
+"""bench.py and classic.py: FLOP count, --quick end to end, the time breakdown, the lean loop computing exactly what
+the classic step computes, and the classic baseline trained end to end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import bench
+import classic
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
 from train import new_totals, train_one_epoch
@@ -26,12 +28,25 @@ def test_quick_writes_every_key(tiny_folder, tmp_path):
     r = json.loads(path.read_text())
     for key in ("date", "command", "machine", "model", "matmul_peak_tflops", "ours_images_per_s",
                 "ours_nchw_images_per_s", "classic_images_per_s", "speedup_vs_classic", "rounds", "mfu_fp32",
-                "peak_memory_mb", "startup", "scaling", "notes"):
+                "peak_memory_mb", "startup", "scaling", "notes", "time_breakdown", "speedup_vs_classic_by_loop"):
         assert key in r, key
+    t = r["time_breakdown"]
+    assert 0 < t["conv_share"] < 1 and 0 < t["batchnorm_share"] < 1 and t["conv_share"] + t["batchnorm_share"] < 1
+    assert t["conv_only_mfu_fp32"] > r["mfu_fp32"]  # the convolutions alone run faster than the whole step
     assert r["ours_images_per_s"] > 0 and r["classic_images_per_s"] > 0 and r["matmul_peak_tflops"]["fp32"] > 0
     assert r["startup"]["cold_image_folder_s"] > 0 and r["startup"]["uint8_cache_s"] > 0
     assert set(r["scaling"]) == {"width", "depth", "batch_size"}
     assert all(row["images_per_s"] > 0 and row["mfu_fp32"] > 0 for rows in r["scaling"].values() for row in rows)
+
+
+def test_time_breakdown_attributes_convolution_and_batchnorm_time():
+    x = torch.randn(32, 16, 32, 32, requires_grad=True)
+    conv, bn = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+    cpu = torch.device("cpu")
+    only_conv = bench.time_breakdown(lambda n: [conv(x).sum().backward() for _ in range(n)], 1, 3, cpu)
+    only_bn = bench.time_breakdown(lambda n: [bn(x).sum().backward() for _ in range(n)], 1, 3, cpu)
+    assert only_conv["batchnorm_s"] == 0 and only_conv["conv_s"] > 0.3 * only_conv["wall_s"]
+    assert only_bn["conv_s"] == 0 and only_bn["batchnorm_s"] > 0.3 * only_bn["wall_s"]
 
 
 def test_lean_loop_step_equals_reference_step():
@@ -49,7 +64,7 @@ def test_lean_loop_step_equals_reference_step():
     before = {k: v.clone() for k, v in ref.named_parameters()}
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    opt = bench.sgd(ours)
+    opt = classic.sgd(ours)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     totals = new_totals("cpu")
     loader = Loader(x, y, 16, "cpu", train=True, channels_last=True, augment=False)
@@ -59,7 +74,7 @@ def test_lean_loop_step_equals_reference_step():
     # the classic path: PIL image -> ToTensor -> Normalize, per sample
     xb = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(img.permute(1, 2, 0).numpy())), CIFAR10_MEAN,
                                    CIFAR10_STD) for img in x])
-    ref_loss = bench.reference_step(ref, xb, y, bench.sgd(ref), crit)[0].item()
+    ref_loss = classic.reference_step(ref, xb, y, classic.sgd(ref), crit)[0].item()
     assert our_loss == pytest.approx(ref_loss, rel=1e-5)
     # fp32 summation order differs (channels_last kernels, fused normalisation, thread count): compare the whole
     # gradient as one vector (measured ~1e-4 relative), and each tensor against its own scale
@@ -77,7 +92,7 @@ def test_classic_train_writes_train_py_metrics(tmp_path, tiny_folder):
     from plot_curves import plot_runs, read_metrics
 
     out = str(tmp_path / "classic")
-    bench.main(["--classic-train", out, "--data-dir", tiny_folder, "--epochs", "4", "--width", "4"])
+    classic.main([out, "--data-dir", tiny_folder, "--epochs", "4", "--width", "4"])
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01, 0.001])  # /10 after epochs 2 and 3 of 4
@@ -85,13 +100,14 @@ def test_classic_train_writes_train_py_metrics(tmp_path, tiny_folder):
     assert os.path.isfile(plot_runs([out], str(tmp_path / "c.png"), x="time"))
 
 
-def test_bad_data_dir_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("script, args", [("bench.py", []), ("classic.py", ["out"])])
+def test_bad_data_dir_is_one_line_exit_2(tmp_path, script, args):
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    r = subprocess.run([sys.executable, "bench.py", "--classic-train", str(tmp_path / "c"), "--data-dir",
-                        str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, script, *args, "--data-dir", str(tmp_path / "missing")], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"bench.py: error: data directory {tmp_path / 'missing'} does not exist"]
+        f"{script}: error: data directory {tmp_path / 'missing'} does not exist"]
