@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
 from data import DataError, Loader, load_cifar10
-from resnet import build_model
+from resnet import MODEL_NAMES, build_model
 from train import new_totals, train_one_epoch
 
 
@@ -182,7 +182,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmark our training loop against the classic DataLoader loop.")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 directory (default: synthetic images, with a note)")
-    p.add_argument("--arch", default="resnet18", help="model for the side-by-side comparison")
+    p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model for the side-by-side comparison")
     p.add_argument("--width", type=int, default=16, help="its width")
     p.add_argument("--batch-size", type=int, default=128, help="batch size of the comparison")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side comparison")
     p.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (compiles first)")
     a = p.parse_args(argv)
+    if min(a.width, a.batch_size, a.windows, a.steps, a.rounds) < 1:
+        p.error("--width, --batch-size, --windows, --steps and --rounds must be at least 1")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     warmup, steps, windows = (1, 2, 1) if a.quick else (5, a.steps, a.windows)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
-from resnet import build_model
+from resnet import MODEL_NAMES, build_model
 from train import append_metrics, format_row
 
 
@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Train with the classic CIFAR loop (the time-to-accuracy baseline).")
     p.add_argument("out", help="run directory: config.json and metrics.jsonl in train.py's format")
     p.add_argument("--data-dir", required=True, help="CIFAR-10 directory (image folders or cifar-10-batches-py)")
-    p.add_argument("--arch", default="resnet18", help="model (resnet.py)")
+    p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model (resnet.py)")
     p.add_argument("--width", type=int, default=16, help="its width")
     p.add_argument("--epochs", type=int, default=30, help="epochs (lr /10 after 50%% and 75%% of them)")
     a = p.parse_args(argv)
+    if a.epochs < 1 or a.width < 1:
+        p.error("--epochs and --width must be at least 1")
     return classic_train(a.data_dir, a.out, a.arch, a.width, a.epochs)
 
 

@@ -111,3 +111,17 @@ def test_bad_data_dir_is_one_line_exit_2(tmp_path, script, args):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"{script}: error: data directory {tmp_path / 'missing'} does not exist"]
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (bench.main, ["--arch", "resnet19"], "invalid choice: 'resnet19'"),
+    (bench.main, ["--rounds", "0"], "must be at least 1"),
+    (bench.main, ["--device", "cuda"] if not torch.cuda.is_available() else ["--steps", "0"], "error: --"),
+    (classic.main, ["out", "--data-dir", "data", "--epochs", "0"], "must be at least 1"),
+    (classic.main, ["out"], "the following arguments are required: --data-dir"),
+])
+def test_bad_flags_are_one_line_exit_2(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err)
