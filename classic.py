@@ -24,6 +24,7 @@ from train import append_metrics, format_row
 
 
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
+    """The popular repos' optimiser: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
