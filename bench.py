@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
+from config import run_script
 from data import DataError, Loader, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import new_totals, train_one_epoch
@@ -306,11 +307,4 @@ def print_report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except DataError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("bench.py: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script("bench.py", main, sys.argv[1:], (DataError,))

@@ -18,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from config import run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import append_metrics, format_row
@@ -126,11 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except DataError as e:
-        print(f"classic.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:  # the epochs logged so far stay in metrics.jsonl
-        print("classic.py: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script("classic.py", main, sys.argv[1:], (DataError,))

@@ -111,6 +111,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def run_script(prog: str, main, argv: list[str] | None, errors: tuple[type[Exception], ...]):
+    """main(argv), with a user mistake (one of `errors`) reported as one line and its exit code (2 unless it carries
+    another), and Ctrl-C as "interrupted", exit 130. What a script saved before stays saved."""
+    try:
+        return main(argv)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(getattr(e, "code", 2)) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="train.py", description="Train a ResNet on CIFAR-10.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

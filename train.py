@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import Config, UserError, parse_config, resolve_device, run_info, validate_runtime
+from config import Config, UserError, parse_config, resolve_device, run_info, run_script, validate_runtime
 from data import DataError, Loader, load_cifar10, split_indices
 from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
 
@@ -391,24 +391,22 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv)
+    rank, world, local = setup_distributed(cfg)
     try:
-        cfg = parse_config(argv)
-        rank, world, local = setup_distributed(cfg)
-        try:
-            result = train(cfg, rank, world, local)
-            if world > 1:  # rank 0 still plots and logs: no rank closes its connections before all are done
-                dist.barrier()
-            return result
-        finally:
-            if world > 1:
-                dist.destroy_process_group()
-    except (UserError, DataError, CheckpointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        raise SystemExit(getattr(e, "code", 2)) from None
-    except KeyboardInterrupt:  # before training started: nothing to save
-        print("train.py: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        result = train(cfg, rank, world, local)
+        if world > 1:  # rank 0 still plots and logs: no rank closes its connections before all are done
+            dist.barrier()
+        return result
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # Ctrl-C during training is handled inside train() (a checkpoint first); here it can only come before
+    return run_script("train.py", run, argv, (UserError, DataError, CheckpointError))
 
 
 if __name__ == "__main__":
