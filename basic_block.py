@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # projection: 1x1 conv (with the stride) + BN when the shape changes, identity otherwise (the paper's option B).
-# zeropad:    parameter-free; subsample by the stride and append zero channels (option A, the paper's CIFAR nets).
+# zeropad:    parameter-free; subsample by the stride and pad with zero channels, half before and half after
+#             (option A, the paper's CIFAR nets, split as akamaster's port does so its trained nets load here).
 # none:       no shortcut at all -- the plain block of the ablations.
 SHORTCUTS = ("projection", "zeropad", "none")
 
@@ -34,18 +35,24 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A: x[:, :, ::s, ::s] with zero channels appended, so the addition has matching shapes for free."""
+    """Option A: x[:, :, ::s, ::s] between zero channels, so the addition has matching shapes for free.
+
+    The paper leaves open where the zeros go; like the most used CIFAR port (akamaster/pytorch_resnet_cifar10) we
+    split them evenly, 16 -> 32 channels = 8 zero, the 16 subsampled, 8 zero, so its published nets compute the
+    same function here. An odd count puts the extra zero channel after.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         if out_channels < in_channels:
             raise ValueError("zero-padding shortcut cannot reduce channels")
-        self.extra_channels = out_channels - in_channels
+        extra = out_channels - in_channels
+        self.pad_before, self.pad_after = extra // 2, extra - extra // 2
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]  # (B, C_in, H/s, W/s)
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))  # (B, C_out, H/s, W/s)
+        return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))  # (B, C_out, H/s, W/s)
 
 
 def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import Config, UserError, parse_config, resolve_device, run_info, run_script, validate_runtime
-from data import DataError, Loader, load_cifar10, split_indices
+from data import CIFAR10_MEAN, CIFAR10_STD, DataError, Loader, load_cifar10, split_indices
 from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
 
 
@@ -290,6 +290,7 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
                 "step": step, "partial": partial or {k: torch.zeros(()) for k in SUMS},
                 "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
+                "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},  # what the net was fed
                 "rng": {"torch": torch.get_rng_state()}}
 
     def save_mid_epoch(epoch: int, step: int) -> None:  # called at the same step on every rank

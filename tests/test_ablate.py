@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -15,14 +16,14 @@ from resnet import build_model
 
 def grid_args(data_dir: str, out) -> list[str]:
     return ["--data-dir", data_dir, "--out", str(out), "--depths", "20", "32", "--seeds", "0", "--epochs", "1",
-            "--subset", "150", "--batch-size", "32", "--width", "4", "--response-images", "40"]
+            "--jobs", "1", "--subset", "150", "--batch-size", "32", "--width", "4", "--response-images", "40"]
 
 
 def test_tiny_grid_writes_figures_and_tables_then_skips(tiny_folder, tmp_path, capsys):
     out = tmp_path / "abl"
     rows = ablate.main(grid_args(tiny_folder, out))
-    archs = ["plain20", "resnet20", "plain32", "resnet32", "plain18", "resnet18"]
-    assert [r["arch"] for r in rows] == archs
+    archs = ["plain18", "resnet18", "plain20", "resnet20", "plain32", "resnet32"]
+    assert [r["arch"] for r in rows] == archs  # by depth, plain before residual
     for name in ("ablation.png", "ablation.md", "ablation.csv", "responses.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "ablation.md").read_text()
@@ -45,7 +46,7 @@ def test_tiny_grid_writes_figures_and_tables_then_skips(tiny_folder, tmp_path, c
 def test_interrupted_run_is_resumed(tiny_folder, tmp_path, capsys):
     out = tmp_path / "abl"
     args = ["--data-dir", tiny_folder, "--out", str(out), "--archs", "resnet20", "--epochs", "2", "--subset", "150",
-            "--batch-size", "32", "--width", "4", "--response-images", "40"]
+            "--jobs", "1", "--batch-size", "32", "--width", "4", "--response-images", "40"]
     ablate.main(args)
     ckpt_path = out / "resnet20" / "seed0" / "last.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
@@ -92,3 +93,25 @@ def test_110_layer_nets_get_the_papers_warmup(monkeypatch, tmp_path):
     assert float(a[a.index("--warmup-epochs") + 1]) == pytest.approx(400 / 78, abs=1e-3)  # 10,000 // 128 steps
     assert "--warmup" not in b
     assert float(c[c.index("--warmup-epochs") + 1]) == pytest.approx(400 / 351, abs=1e-3)  # 45k/5k split
+
+
+def test_jobs_run_side_by_side_then_report(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["--data-dir", tiny_folder, "--out", str(out), "--archs", "resnet20", "plain20", "--epochs", "1",
+            "--subset", "150", "--batch-size", "32", "--width", "4", "--response-images", "40", "--device", "cpu"]
+    rows = ablate.main(args + ["--jobs", "2"])
+    assert [r["arch"] for r in rows] == ["plain20", "resnet20"]
+    for arch in ("resnet20", "plain20"):
+        log = (out / arch / "seed0" / "train.log").read_text()  # each run's own output, from its own process
+        assert "final test accuracy" in log, log
+    recipe = json.loads((out / "grid.json").read_text())["recipe"]
+    assert recipe[-8:] == args[7:15] and "--device" not in recipe  # the device is not part of the experiment
+    capsys.readouterr()
+    rows = ablate.main(args[:-2] + ["--report"])  # another --device is fine; --report trains nothing
+    assert [r["arch"] for r in rows] == ["plain20", "resnet20"] and "training" not in capsys.readouterr().out
+
+
+def test_bad_passthrough_flag_is_one_line_before_any_run(tiny_folder, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["--data-dir", tiny_folder, "--out", str(tmp_path / "abl"), "--lr", "-1"])
+    assert e.value.code == 2 and not (tmp_path / "abl" / "resnet20").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from basic_block import BasicBlock
+from basic_block import BasicBlock, ZeroPadShortcut
 from resnet import MODEL_NAMES, ResNet18, build_model, count_parameters, load_model
 
 EXPECTED_PARAMS = {
@@ -64,8 +64,12 @@ def test_shortcut_kinds_on_shape_change():
     proj = BasicBlock(16, 32, stride=2, shortcut="projection")
     assert isinstance(proj.shortcut[0], torch.nn.Conv2d) and proj(x).shape == (2, 32, 16, 16)
     zp = BasicBlock(16, 32, stride=2, shortcut="zeropad")
-    s = zp.shortcut(x)  # subsampled x in the first 16 channels, zeros in the new ones
-    assert torch.equal(s[:, :16], x[:, :, ::2, ::2]) and not s[:, 16:].any()
+    s = zp.shortcut(x)  # 8 zero channels, the 16 subsampled ones, 8 zero channels (akamaster's even split)
+    assert s.shape == (2, 32, 16, 16)
+    assert not s[:, :8].any() and not s[:, 24:].any()
+    assert torch.equal(s[:, 8:24], x[:, :, ::2, ::2])
+    odd = ZeroPadShortcut(3, 8, 2)(torch.randn(1, 3, 4, 4))  # 5 extra: 2 before, 3 after
+    assert [bool(odd[0, c].any()) for c in range(8)] == [False, False, True, True, True, False, False, False]
     assert sum(p.numel() for p in zp.shortcut.parameters()) == 0
     with pytest.raises(ValueError, match="unknown shortcut"):
         BasicBlock(16, 16, shortcut="highway")
