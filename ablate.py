@@ -4,6 +4,7 @@
     python ablate.py --preset depth --jobs 2          # the depth result: all 50,000 images, 15 epochs, depths 20-110
     python ablate.py --preset depth --report          # tables and figures of the runs finished so far, no training
     python ablate.py --preset paper                   # the paper's schedule (train.py --recipe paper), a GPU job
+    python ablate.py --responses A.pt B.th --out DIR  # Figure 7 for any checkpoints, ours or pytorch_resnet_cifar10's
     python ablate.py --depths 20 32 --seeds 0 1 2 --epochs 5 ...   # any other train.py flag passes through
 
 Each run is a train.py run in <out>/<arch>/seed<k>/; finished runs are skipped and interrupted ones resumed, so
@@ -29,9 +30,9 @@ from torch import nn
 import train
 from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
-from data import DataError, load_cifar10, normalize
+from data import DataError, load_cifar10
 from plot_curves import read_metrics
-from resnet import CheckpointError, count_parameters, load_model, model_depth
+from resnet import CheckpointError, count_parameters, load_model, model_depth, read_checkpoint
 
 PAPER_TABLE6 = {20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (6.61 ± 0.16)"}  # test error %, ResNets
 # name -> (train.py flags shared by every net, default depths in the order they run, out dir, add the ResNet-18 pair)
@@ -215,29 +216,37 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
     return path
 
 
-def plot_responses(out: str, archs: list[str], seed: int, data_dir: str, n_images: int = 1000) -> str:
-    """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom)."""
+def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path: str) -> str:
+    """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom).
+
+    nets: (label, model) pairs; each model sees the test images under its own normalisation (model.normalize).
+    Colour by depth; plain nets dashed, residual solid.
+    """
     from matplotlib.figure import Figure
 
-    data = load_cifar10(data_dir)
-    x = normalize(data.test_x[:n_images])
     fig = Figure(figsize=(10, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1)
-    depths = sorted({model_depth(a) for a in archs})
-    for arch in archs:
-        stds = layer_responses(load_model(os.path.join(run_dir(out, arch, seed), "last.pt")), x)
-        c, style = f"C{depths.index(model_depth(arch)) % 10}", "--" if arch.startswith("plain") else "-"
-        top.plot(range(1, len(stds) + 1), stds, style, color=c, label=arch)
-        bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=arch)
-    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {n_images} test images",
+    blocks = [[m for m in model.modules() if isinstance(m, BasicBlock)] for _, model in nets]
+    depths = sorted({len(b) for b in blocks})
+    for (label, model), bl in zip(nets, blocks):
+        stds = layer_responses(model, model.normalize(images))
+        c, style = f"C{depths.index(len(bl)) % 10}", "--" if bl[0].is_plain else "-"
+        top.plot(range(1, len(stds) + 1), stds, style, color=c, label=label)
+        bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=label)
+    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {len(images)} test images",
             xlabel="layer index (original order)", ylabel="std")
     bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
-    path = os.path.join(out, "responses.png")
     fig.savefig(path, dpi=120)
     return path
+
+
+def checkpoint_label(path: str) -> str:
+    """resnet56 (results/ablation-depth/resnet56/seed0), or resnet56 (akamaster/pytorch_resnet_cifar10)."""
+    ckpt = read_checkpoint(path)
+    return f"{ckpt['arch']} ({ckpt.get('source') or os.path.dirname(path) or path})"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -258,10 +267,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "each). Default: 2 on CPU (measured 5-10%% faster than 1 on a 2-core CPU; README), 1 on CUDA")
     p.add_argument("--report", action="store_true", help="train nothing: tables and figures of the finished runs")
     p.add_argument("--response-images", type=int, default=1000, help="test images for the Figure 7 responses")
+    p.add_argument("--responses", nargs="+", metavar="CHECKPOINT", default=None,
+                   help="train nothing: draw Figure 7 for these checkpoints (train.py's or pytorch_resnet_cifar10's) "
+                        "into <out>/responses-checkpoints.png")
     runtime = p.add_argument_group("this process, not the experiment (not part of the grid; free to change)")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="as train.py --device")
     runtime.add_argument("--compile", action="store_true", help="as train.py --compile")
     args, recipe = p.parse_known_args(argv)
+    if args.responses:
+        if recipe:
+            p.exit(2, f"ablate.py: error: --responses trains nothing; it takes no training flags ({' '.join(recipe)})\n")
+        nets = [(checkpoint_label(c), load_model(c)) for c in args.responses]
+        os.makedirs(args.out or ".", exist_ok=True)
+        path = plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],
+                              os.path.join(args.out or ".", "responses-checkpoints.png"))
+        print(f"[ablate] Figure 7 for {len(nets)} checkpoint(s): {path}")
+        return []
     base, depths, out_name, with_18 = PRESETS[args.preset]
     depths = args.depths or depths
     for d in depths:
@@ -302,7 +323,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = summarize(out, done, args.seeds)
         write_tables(rows, out)
         plot_errors(out, done, args.seeds)
-        plot_responses(out, done, args.seeds[0], args.data_dir, args.response_images)
+        nets = [(a, load_model(os.path.join(run_dir(out, a, args.seeds[0]), "last.pt"))) for a in done]
+        plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],
+                       os.path.join(out, "responses.png"))
         with open(os.path.join(out, "ablation.md")) as f:
             print(f.read())
     missing = [a for a in archs if a not in done]

@@ -14,6 +14,7 @@ resumed run replays exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -194,11 +195,17 @@ def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Ten
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 standardised with the CIFAR-10 pixel mean/std."""
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), -mean / std
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple, std: tuple, device: torch.device, uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with x * scale + shift = (x / 255 - mean) / std, built once per device (no copy per batch)."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / ((255.0 if uint8 else 1.0) * std_t)).to(device), (-mean_t / std_t).to(device)
+
+
+def normalize(x: torch.Tensor, channels_last: bool = False, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W), or floats in [0, 1] -> float32 standardised with mean/std (default CIFAR-10's)."""
+    scale, shift = _affine(tuple(mean), tuple(std), x.device, x.dtype == torch.uint8)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.addcmul(shift, x.float(), scale).contiguous(memory_format=fmt)
 
@@ -212,8 +219,10 @@ class Loader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str, train: bool,
-                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, augment: bool = True):
+                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, augment: bool = True,
+                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
         self.x, self.y = x.to(device), y.to(device)
+        self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.augment = augment  # crop + flip on training batches (off only for checks and benchmarks)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
@@ -231,7 +240,7 @@ class Loader:
             idx_all = torch.arange(self.rank, len(self.x), self.world, device=self.device)
             for i in range(start * self.batch_size, len(idx_all), self.batch_size):
                 idx = idx_all[i:i + self.batch_size]
-                yield normalize(self.x[idx], self.channels_last), self.y[idx]
+                yield normalize(self.x[idx], self.channels_last, self.mean, self.std), self.y[idx]
             return
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # CPU generator: same stream on any device
         n = len(self.x)
@@ -243,4 +252,4 @@ class Loader:
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
             xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx]) if self.augment else self.x[idx]
-            yield normalize(xb, self.channels_last), self.y[idx]
+            yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]

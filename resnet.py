@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from basic_block import SHORTCUTS, BasicBlock
+from data import CIFAR10_MEAN, CIFAR10_STD, normalize
 
 
 class ResNet(nn.Module):
@@ -58,6 +59,8 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_channels, num_classes)
         self._init_weights(zero_init_residual)
+        # The input statistics this net is trained on (train.py's); load_model sets a checkpoint's own.
+        self.normalization = {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
 
     @staticmethod
     def _make_layer(in_channels: int, out_channels: int, n: int, stride: int, shortcut: str) -> nn.Sequential:
@@ -78,7 +81,11 @@ class ResNet(nn.Module):
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32)
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (uint8 0-255, or floats in [0, 1]; (B, 3, H, W)) -> the input this net expects."""
+        return normalize(images, mean=self.normalization["mean"], std=self.normalization["std"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32), normalised
         x = torch.relu(self.bn1(self.conv1(x)))  # (B, w, 32, 32)
         x = self.stages(x)  # (B, 8w, 4, 4) for ResNet-18; (B, 4w, 8, 8) for the CIFAR family
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, C)
@@ -145,8 +152,15 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
 
 
+PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as that port uses
+
+
 def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True (pickled code never runs); every failure becomes one clear line."""
+    """torch.load with weights_only=True (pickled code never runs); every failure becomes one clear line.
+
+    Reads train.py's checkpoints and the published nets of akamaster/pytorch_resnet_cifar10 (converted on the fly,
+    see from_port_checkpoint).
+    """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -157,13 +171,42 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
             else "unreadable (truncated or corrupt)"
         raise CheckpointError(f"checkpoint {path} is {kind}") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "model" not in ckpt:
+        return from_port_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model'/'arch' entries)")
+        raise CheckpointError(f"{path} is neither a train.py checkpoint (no 'model'/'arch' entries) nor a "
+                              "pytorch_resnet_cifar10 one (no 'state_dict')")
     return ckpt
 
 
+def from_port_checkpoint(ckpt: dict, path: str = "checkpoint") -> dict:
+    """akamaster/pytorch_resnet_cifar10's {"state_dict": ...} as one of our checkpoints (weights only).
+
+    Its names are ours under other words: module.layer{k}.{i}. -> stages.{k-1}.{i}., linear -> fc; it saves no
+    num_batches_tracked. The depth comes from the blocks in its stages; its nets were trained on ImageNet's mean/std.
+    """
+    sd = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        blocks = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3)]
+        width, num_classes = sd["conv1.weight"].shape[0], sd["linear.weight"].shape[0]
+    except (KeyError, AttributeError, IndexError):
+        raise CheckpointError(f"{path}: a 'state_dict' checkpoint, but not a pytorch_resnet_cifar10 ResNet") from None
+    if len(set(blocks)) != 1 or not blocks[0] or "layer4.0.conv1.weight" in sd:
+        raise CheckpointError(f"{path}: stages of {blocks} blocks are not a CIFAR ResNet (6n+2 layers)")
+    model = {}
+    for k, v in sd.items():
+        if k.startswith("layer"):
+            k = f"stages.{int(k[5]) - 1}{k[6:]}"
+        model[k.replace("linear.", "fc.", 1) if k.startswith("linear.") else k] = v
+    for k in [k for k in model if k.endswith(".running_var")]:
+        model.setdefault(k.replace("running_var", "num_batches_tracked"), torch.tensor(0))
+    return {"format": 1, "arch": f"resnet{6 * blocks[0] + 2}", "model": model, "epoch": None,
+            "model_kwargs": {"num_classes": num_classes, "width": width}, "normalization": PORT_NORMALIZATION,
+            "source": "akamaster/pytorch_resnet_cifar10"}
+
+
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
-    """Rebuild the architecture named in the checkpoint and load its weights."""
+    """Rebuild the architecture named in the checkpoint, load its weights and the input normalisation it needs."""
     try:
         model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:
@@ -173,11 +216,14 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
     except RuntimeError:
         raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or width?)") \
             from None
+    if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
+        model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
     return model
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model from a train.py checkpoint (last.pt / best.pt), in eval mode."""
+    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt) or a pytorch_resnet_cifar10
+    one (resnet20-12fca82f.th, ...). Feed it model.normalize(images): the checkpoint's own mean/std."""
     return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
 
 

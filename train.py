@@ -207,11 +207,11 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
     data = load_cifar10(cfg.data_dir)
-    loader = Loader(data.test_x, data.test_y, 500, device, train=False)
+    loader = Loader(data.test_x, data.test_y, 500, device, train=False, **model.normalization)
     res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
     tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
-    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, "
-          f"checkpoint epoch {ckpt.get('epoch')})")
+    origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")
+    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, {origin})")
     for name, acc in zip(data.classes, res["per_class"]):
         print(f"  {name:<12} {100 * acc:6.2f}%")
     return {"test_loss": res["loss"], "test_acc": res["acc"], "test_acc_tta": res.get("acc_tta"),
@@ -225,6 +225,9 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = read_checkpoint(cfg.resume_path())
+        if "config" not in ckpt:
+            raise UserError(f"{cfg.resume_path()} holds trained weights ({ckpt.get('source', 'no run')}), not a "
+                            "train.py run: evaluate it with --eval-only, or load it with resnet.load_model")
         cfg = Config.for_resume(ckpt["config"], cfg)
     validate_runtime(cfg, device, world)
     out = cfg.out

@@ -115,3 +115,15 @@ def test_bad_passthrough_flag_is_one_line_before_any_run(tiny_folder, tmp_path):
     with pytest.raises(SystemExit) as e:
         ablate.main(["--data-dir", tiny_folder, "--out", str(tmp_path / "abl"), "--lr", "-1"])
     assert e.value.code == 2 and not (tmp_path / "abl" / "resnet20").exists()
+
+
+def test_responses_for_a_list_of_checkpoints(tiny_folder, tmp_path):
+    from test_checkpoints import save_port_checkpoint
+
+    save_port_checkpoint(3, tmp_path / "port.th")
+    torch.save({"arch": "plain20", "model_kwargs": {"width": 4}, "model": build_model("plain20", width=4).state_dict()},
+               tmp_path / "ours.pt")
+    ablate.main(["--responses", str(tmp_path / "port.th"), str(tmp_path / "ours.pt"), "--out", str(tmp_path / "fig"),
+                 "--data-dir", tiny_folder, "--response-images", "20"])
+    assert (tmp_path / "fig" / "responses-checkpoints.png").stat().st_size > 0
+    assert ablate.checkpoint_label(str(tmp_path / "port.th")) == "resnet20 (akamaster/pytorch_resnet_cifar10)"

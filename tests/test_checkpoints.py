@@ -1,0 +1,149 @@
+"""Checkpoints from elsewhere and their input normalisation: akamaster/pytorch_resnet_cifar10's published nets load
+through our code and compute what they computed there; every checkpoint carries the mean/std its net needs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import train
+from conftest import ROOT
+from data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from resnet import PORT_NORMALIZATION, build_model, load_model
+from test_train import tiny_args
+
+PEER_WEIGHTS = os.path.join(ROOT, "..", "shared", "reference", "peer-weights")
+
+
+# ---- an independent copy of how that port builds its nets (its resnet.py, read, not imported)
+
+
+class PortBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if stride != 1 or in_planes != planes else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class PortResNet(nn.Module):
+    def __init__(self, n: int, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = [16, 32, 64]
+        for i, p in enumerate(planes):
+            blocks = [PortBlock(planes[max(i - 1, 0)], p, 1 if i == 0 else 2)] + [PortBlock(p, p) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        return self.linear(F.avg_pool2d(out, out.size(3)).flatten(1))
+
+
+def save_port_checkpoint(n: int, path) -> PortResNet:
+    """A randomly initialised port net with non-trivial BN statistics, saved as the port saves (DataParallel)."""
+    torch.manual_seed(n)
+    net = PortResNet(n)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    sd = {f"module.{k}": v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"best_prec1": 91.0, "state_dict": sd}, path)
+    return net.eval()
+
+
+def imagenet_normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    mean, std = (torch.tensor(PORT_NORMALIZATION[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (x_uint8.float() / 255 - mean) / std
+
+
+@pytest.mark.parametrize("n, arch", [(3, "resnet20"), (5, "resnet32")])
+def test_port_checkpoint_computes_the_same_function(tmp_path, n, arch):
+    path = tmp_path / "port.th"
+    port = save_port_checkpoint(n, path)
+    model = load_model(str(path))
+    assert type(model).__name__ == "ResNet" and not model.training
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_model(arch).parameters())
+    assert model.normalization == PORT_NORMALIZATION  # ImageNet's, recorded for the user
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(model.normalize(x), imagenet_normalize(x), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(model.normalize(x)), port(imagenet_normalize(x)), atol=1e-4)
+
+
+def test_port_checkpoint_eval_only_uses_its_normalisation(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "port.th"
+    port = save_port_checkpoint(3, path)
+    data = load_cifar10(tiny_folder)
+    with torch.no_grad():
+        logits = port(imagenet_normalize(data.test_x))
+    expected, loss = (logits.argmax(1) == data.test_y).sum().item(), F.cross_entropy(logits, data.test_y).item()
+    res = train.main(["--eval-only", "--resume", str(path), "--data-dir", tiny_folder, "--device", "cpu"])
+    assert round(res["test_acc"] * len(data.test_y)) == expected
+    assert res["test_loss"] == pytest.approx(loss, rel=1e-4)  # the loss moves with any other mean/std
+    assert "akamaster/pytorch_resnet_cifar10" in capsys.readouterr().out
+
+
+def test_port_checkpoint_cannot_be_resumed_for_training(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "port.th"
+    save_port_checkpoint(3, path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(path), "--data-dir", tiny_folder, "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--eval-only" in err
+
+
+def test_a_state_dict_that_is_not_a_cifar_resnet_is_one_line(tmp_path):
+    from resnet import CheckpointError
+
+    path = tmp_path / "other.th"
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(10, 4)}}, path)
+    with pytest.raises(CheckpointError, match="not a pytorch_resnet_cifar10 ResNet"):
+        load_model(str(path))
+
+
+def test_our_checkpoints_record_normalisation_and_old_ones_default_to_cifar10(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["normalization"] == {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+    assert load_model(str(out / "last.pt")).normalization == ckpt["normalization"]
+    # a checkpoint that says another mean/std is used with it
+    ckpt["normalization"] = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    torch.save(ckpt, out / "other.pt")
+    model = load_model(str(out / "other.pt"))
+    x = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    assert torch.allclose(model.normalize(x), torch.full((1, 3, 32, 32), 2.0))
+    assert torch.allclose(model.normalize(x.float() / 255), torch.full((1, 3, 32, 32), 2.0))  # floats in [0, 1]
+    # the format before normalisation was recorded (no key): CIFAR-10's, the only one train.py ever used
+    del ckpt["normalization"]
+    torch.save(ckpt, out / "old.pt")
+    assert load_model(str(out / "old.pt")).normalization == {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+
+
+@pytest.mark.parametrize("name, accuracy", [("resnet20-12fca82f.th", 0.8103), ("resnet56-4bfd9763.th", 0.8320)])
+def test_published_port_nets_on_the_jpeg_copy(real_cifar, name, accuracy):
+    """Their own code measures 81.03% and 83.20% on the shared JPEG test set (peer-weights/README.md)."""
+    path = os.path.join(PEER_WEIGHTS, name)
+    if not os.path.exists(path):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the shared peer weights are missing: {path}")
+        pytest.skip(f"peer weights not found at {path}")
+    res = train.main(["--eval-only", "--resume", path, "--data-dir", real_cifar, "--device", "cpu"])
+    assert res["test_acc"] == pytest.approx(accuracy, abs=0.00005)  # to 0.01 points: the same images right
