@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, recipe = p.parse_known_args(argv)
     if args.responses:
         if recipe:
-            p.exit(2, f"ablate.py: error: --responses trains nothing; it takes no training flags ({' '.join(recipe)})\n")
+            p.exit(2, f"ablate.py: error: --responses trains nothing; drop the training flags {' '.join(recipe)}\n")
         nets = [(checkpoint_label(c), load_model(c)) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
         path = plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],

@@ -92,10 +92,11 @@ def timed_windows(run_steps, batch: int, device: torch.device, warmup: int, step
 
 
 def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, channels_last=True,
-                      compile=False, profile=False) -> float | dict:
+                      compile=False, amp=False, profile=False) -> float | dict:
     """train.py's train_one_epoch over the uint8 on-device Loader (crop + flip + normalise in batches).
 
-    profile=True: instead, where `steps` steps spend their time (see time_breakdown).
+    The loaders are built (and their images copied to the device) before any timing. amp: bf16 autocast, as
+    train.py --amp. profile=True: instead, where `steps` steps spend their time (see time_breakdown).
     """
     model = build_model(arch, width=width).to(device)
     if channels_last:
@@ -106,11 +107,12 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     epoch = [0]
 
+    # an "epoch" of exactly n steps for each length timed; a new epoch number, new crops, each call
+    loaders = {n: Loader(x[torch.arange(n * batch) % len(x)], y[torch.arange(n * batch) % len(y)], batch, device,
+                         train=True, channels_last=channels_last) for n in {warmup, steps}}
+
     def run_steps(n: int) -> None:
-        need = n * batch
-        idx = torch.arange(need) % len(x)  # an "epoch" of exactly n steps
-        loader = Loader(x[idx], y[idx], batch, device, train=True, seed=epoch[0], channels_last=channels_last)
-        train_one_epoch(model, loader, opt, sched, crit, epoch[0], new_totals(device), log_every=10**9)
+        train_one_epoch(model, loaders[n], opt, sched, crit, epoch[0], new_totals(device), amp=amp, log_every=10**9)
         epoch[0] += 1
 
     if profile:
@@ -214,15 +216,24 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("--quick: tiny windows and batch 32, not comparable figures")
 
     n = 512 if a.quick else (4096 if device.type == "cpu" else 8192)
+    # PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32) but fp32 matmuls not: the
+    # fp32 peak is measured the way the convolutions run, so MFU compares like with like (and JSON says which).
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     peak32 = matmul_peak(device, torch.float32, n, 3 if a.quick else 10)
     peak16 = matmul_peak(device, torch.bfloat16, n, 3 if a.quick else 10) if native_bf16(device) else None
     flops = train_flops_per_image(a.arch, a.width, device)
     run = dict(device=device, warmup=warmup, steps=steps, windows=windows)
     # Interleaved rounds: a shared host drifts by 10-20% over minutes, so each round times every loop back to back
     # and the speed-up is the median of the per-round ratios.
-    rounds = {"ours": [], "ours_nchw": [], "classic": []} | ({"ours_compiled": []} if a.compile else {})
+    rounds = {"ours": [], "ours_nchw": [], "classic": []} | ({"ours_compiled": []} if a.compile else {}) | \
+        ({"ours_amp": []} if device.type == "cuda" and peak16 else {})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the matmul peak above set the high-water mark
     for i in range(1 if a.quick else a.rounds):
         rounds["ours"].append(ours_images_per_s(x, y, a.arch, a.width, batch, **run))
+        if "ours_amp" in rounds:
+            rounds["ours_amp"].append(ours_images_per_s(x, y, a.arch, a.width, batch, amp=True, **run))
         rounds["ours_nchw"].append(ours_images_per_s(x, y, a.arch, a.width, batch, channels_last=False, **run))
         if i == 0:
             mem_ours = peak_memory_mb(device)  # the high-water mark of our loops, before the classic one runs
@@ -251,9 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
                     or platform.machine(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "model": {"arch": a.arch, "width": a.width, "batch_size": batch, "train_gflop_per_image": round(flops / 1e9, 4)},
-        "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4)},
+        "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4),
+                               "fp32_on_tf32_cores": tf32},
         **{f"{k}_images_per_s": round(med[k], 1) if k in med else None
-           for k in ("ours", "ours_nchw", "classic", "ours_compiled")},
+           for k in ("ours", "ours_nchw", "classic", "ours_compiled", "ours_amp")},
         "speedup_vs_classic": speedup["ours"], "speedup_vs_classic_by_loop": speedup,
         "rounds": {k: [round(v, 1) for v in vals] for k, vals in rounds.items()},
         "mfu_fp32": round(flops * med["ours"] / peak32, 4), "peak_memory_mb": round(mem_ours, 1),
@@ -279,12 +291,14 @@ def print_report(r: dict) -> None:
     m = r["model"]
     print(f"{r['date']}  {r['machine']['device']}, {r['machine']['cpu_cores']} cores, torch {r['machine']['torch']}")
     print(f"command: {r['command']}")
+    peak = r["matmul_peak_tflops"]
     print(f"model {m['arch']} width {m['width']}, batch {m['batch_size']}: {m['train_gflop_per_image']} GFLOP "
-          f"per training image; matmul peak fp32 {r['matmul_peak_tflops']['fp32']} TFLOP/s, "
-          f"bf16 {r['matmul_peak_tflops']['bf16']}")
+          f"per training image; matmul peak fp32{' (TF32, as the convolutions)' * peak['fp32_on_tf32_cores']} "
+          f"{peak['fp32']} TFLOP/s, bf16 {peak['bf16']}")
     print(f"{'loop':<38}{'images/s (median)':>18}{'speed-up':>10}   rounds")
     for key, name in (("ours", "ours (uint8 on device, channels_last)"), ("ours_nchw", "ours, NCHW"),
-                      ("classic", "classic (DataLoader + PIL, NCHW)"), ("ours_compiled", "ours + torch.compile")):
+                      ("classic", "classic (DataLoader + PIL, NCHW)"), ("ours_compiled", "ours + torch.compile"),
+                      ("ours_amp", "ours + bf16 autocast (--amp)")):
         if key in r["rounds"]:
             ratio = r["speedup_vs_classic_by_loop"].get(key, "")
             speed = r[key + "_images_per_s"]

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from config import run_script
+from config import UserError, resolve_device, run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import append_metrics, format_row
@@ -60,27 +60,31 @@ def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, crit
 
 
 def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 16, epochs: int = 30,
-                  workers: int = 2, seed: int = 0) -> dict:
+                  workers: int = 2, seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """The classic loop end to end, as the popular repos write it: the time-to-accuracy baseline.
 
     SGD lr 0.1 Nesterov, momentum 0.9, wd 5e-4, label smoothing 0.1, batch 128, lr /10 after 50% and 75% of the epochs
     (15 and 22 of 30); DataLoader workers with per-image PIL transforms; fp32 NCHW; a .item() per step. Writes
     out/metrics.jsonl in train.py's format (epoch_time_s = train + test), so plot_curves.py draws both side by side.
+    On CUDA: pinned host batches copied without blocking, as those repos do on a GPU.
     """
+    device = torch.device(device)
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     torch.manual_seed(seed)
     d = load_cifar10(data_dir, download=False)
     os.makedirs(out, exist_ok=True)
     train_loader = torch.utils.data.DataLoader(ClassicDataset(d.train_x, d.train_y), batch_size=128, shuffle=True,
-                                               num_workers=workers)
+                                               **loader_kw)
     test_set = ClassicDataset(d.test_x, d.test_y, train=False)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, num_workers=workers)
-    model = build_model(arch, width=width)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, **loader_kw)
+    model = build_model(arch, width=width).to(device)
     opt = sgd(model, lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, epochs * 3 // 4], gamma=0.1)
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"loop": "classic", "arch": arch, "width": width, "epochs": epochs, "workers": workers,
-                   "seed": seed, "data_dir": data_dir, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "seed": seed, "data_dir": data_dir, "device": str(device), "torch": torch.__version__,
+                   "threads": torch.get_num_threads(),
                    "milestones": sched.milestones and sorted(sched.milestones)}, f, indent=2)
     metrics_path = os.path.join(out, "metrics.jsonl")
     open(metrics_path, "w").close()
@@ -90,6 +94,7 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
         model.train()
         loss_sum = correct = seen = 0
         for xb, yb in train_loader:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             loss, logits = reference_step(model, xb, yb, opt, crit)
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
@@ -101,6 +106,7 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
         test_loss = test_correct = 0.0
         with torch.no_grad():
             for xb, yb in test_loader:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 logits = model(xb)
                 test_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
                 test_correct += (logits.argmax(1) == yb).sum().item()
@@ -120,11 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model (resnet.py)")
     p.add_argument("--width", type=int, default=16, help="its width")
     p.add_argument("--epochs", type=int, default=30, help="epochs (lr /10 after 50%% and 75%% of them)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if there is one")
     a = p.parse_args(argv)
     if a.epochs < 1 or a.width < 1:
         p.error("--epochs and --width must be at least 1")
-    return classic_train(a.data_dir, a.out, a.arch, a.width, a.epochs)
+    return classic_train(a.data_dir, a.out, a.arch, a.width, a.epochs, device=resolve_device(a.device))
 
 
 if __name__ == "__main__":
-    run_script("classic.py", main, sys.argv[1:], (DataError,))
+    run_script("classic.py", main, sys.argv[1:], (DataError, UserError))

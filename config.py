@@ -22,8 +22,10 @@ RECIPES = {
     # Time to accuracy (README, "Speed"): fewer epochs, a higher peak, and a linear decay to zero instead of steps.
     "fast": dict(epochs=20, schedule="linear", lr=0.2, warmup_epochs=2.0),
 }
-# Flags that describe this process, not the experiment: a resumed run takes them from the new command line.
-RUNTIME_FIELDS = ("device", "data_dir", "resume", "eval_only", "progress", "log_every", "compile", "save_every_steps")
+# Flags that describe this process and its hardware, not the experiment: a resumed run takes them from the new
+# command line (so a run trained with --amp on a GPU resumes, or is evaluated, on a CPU).
+RUNTIME_FIELDS = ("device", "amp", "sync_bn", "channels_last", "compile", "deterministic", "data_dir", "resume",
+                  "eval_only", "progress", "log_every", "save_every_steps", "tta")
 
 
 class UserError(Exception):
@@ -39,7 +41,9 @@ class Config:
     arch: str = field(default="resnet18", metadata={"help": f"model: {', '.join(MODEL_NAMES)}"})
     width: int = field(default=16, metadata={"help": "width of the first stage (ResNet-18: 16 -> 16/32/64/128)"})
     zero_init_residual: bool = field(default=False, metadata={"help": "start each residual block as the identity"})
-    epochs: int = field(default=50, metadata={"help": "training epochs"})
+    epochs: int = field(default=50, metadata={
+        "help": "training epochs; with --resume a larger value extends the run (its schedule becomes that of a run "
+                "started with the new --epochs)"})
     batch_size: int = field(default=128, metadata={"help": "global batch size (split evenly across torchrun ranks)"})
     lr: float = field(default=0.1, metadata={"help": "peak learning rate, for the global batch"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -52,7 +56,8 @@ class Config:
     schedule: str = field(default="step", metadata={
         "help": "after warm-up: step (x --gamma at each milestone) or linear (straight down to 0 at the last step)",
         "choices": ("step", "linear")})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "lr warm-up length, in epochs (fractions allowed)"})
+    warmup_epochs: float = field(default=None, metadata={
+        "help": "lr warm-up length, in epochs (fractions allowed); default 1 epoch, at most 20%% of --epochs"})
     warmup: str = field(default="linear", metadata={
         "help": "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's ResNet-110 trick)",
         "choices": ("linear", "constant")})
@@ -66,12 +71,16 @@ class Config:
     resume: str = field(default=None, metadata={"help": "run dir or checkpoint to continue from (or to evaluate)"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the --resume checkpoint on the test set"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
-    amp: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA only; BatchNorm stays fp32)"})
+    amp: bool = field(default=False, metadata={
+        "help": "bf16 autocast in training (CUDA, compute capability >= 8.0; BN stays fp32); evaluation is fp32"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (faster on CPU and GPU)"})
     tta: bool = field(default=False, metadata={
         "help": "also report test accuracy with flip test-time augmentation (logged as test_acc_tta)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training model"})
-    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across torchrun ranks (CUDA only)"})
+    sync_bn: bool = field(default=False, metadata={
+        "help": "BatchNorm statistics of the global batch across torchrun processes (CPU or CUDA)"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "deterministic kernels (slower on CUDA; no cudnn.benchmark); CPU runs are deterministic anyway"})
     save_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps inside an epoch"})
     log_every: int = field(default=20, metadata={"help": "steps between progress updates and non-finite checks"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
@@ -80,6 +89,10 @@ class Config:
                 "'fast' = 20 epochs, lr 0.2, 2 warm-up epochs, linear decay to 0",
         "choices": tuple(RECIPES)})
 
+    def warmup_length(self) -> float:
+        """Warm-up in epochs: --warmup-epochs as given, or by default 1 epoch capped at 20% of a short run."""
+        return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, 0.2 * self.epochs)
+
     def milestone_epochs(self) -> list[float]:
         return list(self.milestones) if self.milestones else [0.5 * self.epochs, 0.75 * self.epochs]
 
@@ -87,13 +100,27 @@ class Config:
         return os.path.join(self.resume, "last.pt") if os.path.isdir(self.resume) else self.resume
 
     @classmethod
-    def for_resume(cls, saved: dict, now: "Config") -> "Config":
-        """The checkpoint's experiment config with this command line's runtime flags."""
+    def for_resume(cls, saved: dict, now: "Config", explicit: set[str] = frozenset()) -> "Config":
+        """The checkpoint's experiment config with this command line's runtime flags.
+
+        explicit: the flags the user typed. A larger --epochs extends the run; any other experiment flag that
+        differs from the run's is refused (UserError naming them all), never dropped in silence.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
         for k in RUNTIME_FIELDS:
             setattr(cfg, k, getattr(now, k))
         cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
+        if "epochs" in explicit and now.epochs > cfg.epochs:
+            cfg.epochs = now.epochs
+        typed = sorted(explicit - set(RUNTIME_FIELDS) - {"out"})
+        differ = [k for k in typed if getattr(now, k) != getattr(cfg, k)]
+        if "out" in explicit and os.path.abspath(now.out) != cfg.out:
+            differ.append("out")
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {getattr(now, k)} (run: {getattr(cfg, k)})" for k in differ)
+            raise UserError(f"--resume continues the run as it was configured; these flags differ from it: {flags}. "
+                            "Only a larger --epochs can change; start a new run (--out) for the others")
         return cfg
 
     def check_data(self, n_train: int, world: int) -> None:
@@ -163,9 +190,10 @@ def validate(cfg: Config) -> None:
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
-    need(0 <= cfg.warmup_epochs <= cfg.epochs, f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
+    need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
+         f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
-    need(cfg.schedule == "step" or cfg.warmup_epochs < cfg.epochs,
+    need(cfg.schedule == "step" or cfg.warmup_length() < cfg.epochs,
          "--schedule linear needs --warmup-epochs below --epochs")
     need(cfg.schedule == "step" or not cfg.milestones, "--milestones are for --schedule step")
     if cfg.milestones:
@@ -177,7 +205,6 @@ def validate(cfg: Config) -> None:
     need(not (cfg.zero_init_residual and cfg.arch.startswith("plain")),
          "--zero-init-residual is for residual nets; on a plain net it would zero every block")
     need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume CHECKPOINT")
-    need(not cfg.resume or os.path.exists(cfg.resume), f"--resume: {cfg.resume} does not exist")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
 
 
@@ -192,12 +219,33 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
-    if cfg.sync_bn and device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU)")
+    if cfg.sync_bn and world == 1:
+        raise UserError("--sync-bn shares BatchNorm statistics across torchrun processes; this run is one process")
     if cfg.amp and device.type != "cuda":
         raise UserError("--amp (bf16 autocast) is for CUDA; drop it on CPU")
+    if cfg.amp and not torch.cuda.is_bf16_supported():  # fp16 would need a GradScaler; bf16 needs none
+        raise UserError(f"--amp is bf16 autocast, which {torch.cuda.get_device_name(device)} lacks (compute "
+                        "capability 8.0 or newer: A100, H100, RTX 30xx+); train in fp32 without --amp")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest kernels for our fixed shapes, unless deterministic kernels are asked for."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+        torch.use_deterministic_algorithms(True)
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """Config field names the user typed on the command line (not those a --recipe or a default set)."""
+    p = build_parser()
+    for action in p._actions:  # an untyped flag then leaves no attribute at all
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 def run_info(cfg: Config, device: torch.device, world: int) -> dict:

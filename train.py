@@ -25,8 +25,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import Config, UserError, parse_config, resolve_device, run_info, run_script, validate_runtime
-from data import CIFAR10_MEAN, CIFAR10_STD, DataError, Loader, load_cifar10, split_indices
+import distributed
+from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_info,
+                    run_script, validate_runtime)
+from data import CIFAR10_MEAN, CIFAR10_STD, Cifar, DataError, Loader, load_cifar10, split_indices
+from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
 
 
@@ -52,10 +55,11 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
     """LR multiplier as a function of the global step: warm-up, then x gamma at each milestone (epochs) or a
     linear decay that reaches 0 after the last step."""
     t = step / steps_per_epoch  # epochs done, fractional
-    if t < cfg.warmup_epochs:
-        return 0.1 if cfg.warmup == "constant" else (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    warmup = cfg.warmup_length()
+    if t < warmup:
+        return 0.1 if cfg.warmup == "constant" else (step + 1) / (warmup * steps_per_epoch)
     if cfg.schedule == "linear":
-        return max(0.0, (cfg.epochs - t) / (cfg.epochs - cfg.warmup_epochs))
+        return max(0.0, (cfg.epochs - t) / (cfg.epochs - warmup))
     return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
 
 
@@ -111,10 +115,12 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool = False,
-             distributed: bool = False, tta: bool = False) -> dict:
+def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bool = False, tta: bool = False) \
+        -> dict:
     """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced.
 
+    Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint gives.
+    No host sync until the end: the sums grow with index_add_ (bincount and boolean masks would sync on CUDA).
     tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
     """
     model.eval()
@@ -124,14 +130,13 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool = Fal
     total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     correct_tta = torch.zeros((), device=dev, dtype=torch.float64)
     for x, y in loader.batches():  # x: (B, 3, H, W)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x).float()  # (B, num_classes)
-            if tta:
-                both = logits + model(x.flip(3)).float()  # flip the width axis
-                correct_tta += (both.argmax(1) == y).sum()
+        logits = model(x).float()  # (B, num_classes)
+        if tta:
+            both = logits + model(x.flip(3)).float()  # flip the width axis
+            correct_tta += (both.argmax(1) == y).sum()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-        total += torch.bincount(y, minlength=num_classes)
-        correct += torch.bincount(y[logits.argmax(1) == y], minlength=num_classes)
+        total.index_add_(0, y, torch.ones_like(y, dtype=total.dtype))
+        correct.index_add_(0, y, (logits.argmax(1) == y).to(correct.dtype))
     stats = torch.cat([loss_sum.view(1), correct_tta.view(1), correct, total])
     if distributed:
         dist.all_reduce(stats)
@@ -146,6 +151,17 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def to_cpu(state):
+    """A state dict (nested dicts and lists of tensors) with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
 
 
 def save_atomic(obj: dict, path: str) -> None:
@@ -189,20 +205,6 @@ def truncate_metrics(path: str, epochs_done: int) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def setup_distributed(cfg: Config) -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    from datetime import timedelta
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
-    return rank, world, local
-
-
 def eval_only(cfg: Config, device: torch.device) -> dict:
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
@@ -218,27 +220,55 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
             "per_class": dict(zip(data.classes, res["per_class"]))}
 
 
-def train(cfg: Config, rank: int, world: int, local: int) -> dict:
-    device = resolve_device(cfg.device, local)
-    if cfg.eval_only:
-        return eval_only(cfg, device)
-    ckpt = None
-    if cfg.resume:
+def load_data(data_dir: str, local: int, world: int) -> Cifar:
+    """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then read the
+    cache. No two processes download into, or decode into, the same directory at once."""
+    data, err = attempt(lambda: load_cifar10(data_dir), DataError) if local == 0 else (None, None)
+    agree(err, world)
+    if data is None:
+        data, err = attempt(lambda: load_cifar10(data_dir), DataError)
+    agree(err, world)
+    return data
+
+
+def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Config, dict | None]:
+    """The run's config and, on --resume, its checkpoint; rank 0 creates a new run directory. Every rank learns
+    the outcome: a mistake is one line on all of them, not a hang on all but one."""
+    def check() -> tuple[Config, dict | None]:
+        if not cfg.resume:
+            if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+                raise UserError(f"--out {cfg.out} is a file, not a run directory")
+            if rank == 0:
+                if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+                    raise UserError(f"run directory {cfg.out} already exists; pass --resume {cfg.out} or --overwrite")
+                os.makedirs(cfg.out, exist_ok=True)
+            return cfg, None
+        if not os.path.exists(cfg.resume):
+            raise UserError(f"--resume: {cfg.resume} does not exist")
         ckpt = read_checkpoint(cfg.resume_path())
         if "config" not in ckpt:
             raise UserError(f"{cfg.resume_path()} holds trained weights ({ckpt.get('source', 'no run')}), not a "
                             "train.py run: evaluate it with --eval-only, or load it with resnet.load_model")
-        cfg = Config.for_resume(ckpt["config"], cfg)
+        return Config.for_resume(ckpt["config"], cfg, explicit), ckpt
+
+    result, err = attempt(check, UserError, CheckpointError)
+    agree(err, world)
+    return result
+
+
+def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = frozenset()) -> dict:
+    """explicit: the flags the user typed (a resumed run compares them with its own)."""
+    device = resolve_device(cfg.device, local)
+    if cfg.eval_only:
+        return eval_only(cfg, device)
+    cfg, ckpt = open_run(cfg, explicit, rank, world)
     validate_runtime(cfg, device, world)
+    configure_backends(device, cfg.deterministic)
     out = cfg.out
-    if rank == 0 and not cfg.resume:
-        if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
-            raise UserError(f"run directory {out} already exists; pass --resume {out} or --overwrite")
-        os.makedirs(out, exist_ok=True)
     main_proc = rank == 0
     torch.manual_seed(cfg.seed)
 
-    data = load_cifar10(cfg.data_dir)
+    data = load_data(cfg.data_dir, local, world)
     cfg.check_data(len(data.train_x), world)
     train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
     num_classes = len(data.classes)
@@ -269,12 +299,14 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
                 totals[k] = v.to(device)
         torch.set_rng_state(ckpt["rng"]["torch"])
     train_model = model
-    if cfg.sync_bn:
-        train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+    if cfg.sync_bn:  # in place: `model` (saved, evaluated) shares every parameter and buffer
+        train_model = convert_sync_batchnorm(train_model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(train_model, device_ids=[local] if device.type == "cuda" else None)
+        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward.
+        train_model = DistributedDataParallel(train_model, device_ids=[local] if device.type == "cuda" else None,
+                                              broadcast_buffers=not cfg.sync_bn)
     if cfg.compile:
         train_model = torch.compile(train_model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -286,11 +318,18 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
         if ckpt is None:
             with open(os.path.join(out, "config.json"), "w") as f:
                 json.dump(run_info(cfg, device, world), f, indent=2)
+        elif cfg.epochs != ckpt["config"]["epochs"] and os.path.exists(os.path.join(out, "config.json")):
+            with open(os.path.join(out, "config.json")) as f:  # --epochs extended on resume: the run's new length
+                info = json.load(f)
+            info["config"]["epochs"] = cfg.epochs
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(info, f, indent=2)
         truncate_metrics(metrics_path, start_epoch)
 
     def make_checkpoint(epoch_done: int, step: int, partial: dict | None = None) -> dict:
-        return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
+        # CPU tensors: a checkpoint written on a GPU loads with torch.load(path, weights_only=True) anywhere.
+        return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": to_cpu(model.state_dict()),
+                "optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
                 "step": step, "partial": partial or {k: torch.zeros(()) for k in SUMS},
                 "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
                 "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},  # what the net was fed
@@ -314,9 +353,8 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
             return signals["sig"] is not None
         if not sync:  # ranks agree on stopping only at common sync points: no extra collective per step
             return False
-        flag = torch.tensor(float(signals["sig"] is not None), device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        signals["sig"] = shared_signal(signals["sig"], device, world)  # a signal to one rank stops them all
+        return signals["sig"] is not None
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t_start = time.time()
@@ -343,14 +381,15 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
             if world > 1:
                 dist.all_reduce(stats)
             train_time = time.time() - t0
-            test = evaluate(model, test_loader, num_classes, amp, world > 1, cfg.tta)
+            broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics, which last.pt saves
+            test = evaluate(model, test_loader, num_classes, world > 1, cfg.tta)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": stats[0].item() / stats[2].item(), "train_acc": stats[1].item() / stats[2].item(),
                    "test_loss": test["loss"], "test_acc": test["acc"]}
             if cfg.tta:
                 row["test_acc_tta"] = test["acc_tta"]
             if val_loader is not None:
-                val = evaluate(model, val_loader, num_classes, amp, world > 1)
+                val = evaluate(model, val_loader, num_classes, world > 1)
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
             row.update(epoch_time_s=round(time.time() - t0, 3),
                        images_per_s=round((totals["count"].item() - count0) * world / train_time, 1))
@@ -365,9 +404,9 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
                 raise Interrupted
     except Interrupted:
         name = signal.Signals(signals["sig"]).name
-        if main_proc:
-            print(f"train.py: stopped by {name}; checkpoint saved, resume with: python train.py --resume {out}",
-                  file=sys.stderr)
+        who = "" if world == 1 else f" (rank {rank})"
+        print(f"train.py: stopped by {name}{who}; checkpoint saved, resume with: python train.py --resume {out}",
+              file=sys.stderr)
         raise SystemExit(128 + signals["sig"])
     except NonFiniteLoss as e:
         kept = f"the last good checkpoint {last_path} is intact" if os.path.exists(last_path) else "nothing saved"
@@ -396,21 +435,21 @@ def train(cfg: Config, rank: int, world: int, local: int) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    rank, world, local = setup_distributed(cfg)
+    rank, world, local = distributed.setup(cfg.device)
     try:
-        result = train(cfg, rank, world, local)
+        result = train(cfg, rank, world, local, explicit_flags(argv))
         if world > 1:  # rank 0 still plots and logs: no rank closes its connections before all are done
             dist.barrier()
         return result
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        distributed.teardown(world)
 
 
 def main(argv: list[str] | None = None) -> dict:
     # Ctrl-C during training is handled inside train() (a checkpoint first); here it can only come before
-    return run_script("train.py", run, argv, (UserError, DataError, CheckpointError))
+    return run_script("train.py", run, argv, (UserError, DataError, CheckpointError, SetupError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ TIMING = {"epoch_time_s", "images_per_s"}
 
 def tiny_args(data_dir: str, out: str, *extra: str) -> list[str]:
     return ["--data-dir", data_dir, "--arch", "resnet20", "--width", "4", "--epochs", "2", "--batch-size", "32",
-            "--out", str(out), "--no-progress", "--log-every", "2", *extra]
+            "--out", str(out), "--no-progress", "--log-every", "2", "--device", "cpu", *extra]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -109,18 +109,19 @@ def test_resume_equals_straight_run(tiny_folder, tmp_path, monkeypatch, where, e
     assert len(metrics(broken)) == 1
     ckpt = torch.load(broken / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == ((1, 0) if where == "evaluate" else (1, step + 1))
-    summary = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress"])
+    summary = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
     assert untimed(metrics(broken)) == untimed(metrics(straight))
     assert_same_weights(weights(broken), weights(straight))
     assert summary["final_test_acc"] == metrics(straight)[-1]["test_acc"]
-    again = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress"])  # finished: no-op
+    # finished: a no-op
+    again = train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
     assert again["final_test_acc"] == summary["final_test_acc"] and len(metrics(broken)) == 2
 
 
 def test_eval_only_reproduces_logged_accuracy(tiny_folder, tmp_path, capsys):
     out = tmp_path / "r"
     train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
-    res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", tiny_folder])
+    res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", tiny_folder, "--device", "cpu"])
     assert res["test_acc"] == metrics(out)[-1]["test_acc"]
     assert abs(res["test_loss"] - metrics(out)[-1]["test_loss"]) < 1e-6
     assert len(res["per_class"]) == 10 and "airplane" in capsys.readouterr().out
@@ -167,7 +168,7 @@ def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
         plain, mirrored = model(x), model(torch.flip(x, dims=[3]))
     assert row["test_acc"] == pytest.approx((plain.argmax(1) == y).float().mean().item())
     assert row["test_acc_tta"] == pytest.approx(((plain + mirrored).argmax(1) == y).float().mean().item())
-    res = train.main(["--eval-only", "--tta", "--resume", str(out), "--data-dir", tiny_folder])
+    res = train.main(["--eval-only", "--tta", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu"])
     assert res["test_acc_tta"] == pytest.approx(row["test_acc_tta"])
 
 

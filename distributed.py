@@ -1,0 +1,127 @@
+"""torchrun: the process group, ranks agreeing on setup failures, signals and BN statistics, and a small sync-BN.
+
+Every helper is a no-op (or the plain single-process answer) when world == 1, so train.py calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class SetupError(Exception):
+    """A setup step failed on some rank; every rank raises it with that rank's one-line message."""
+
+
+def setup(device_flag: str) -> tuple[int, int, int]:
+    """(rank, world, local rank). NCCL when the run is on CUDA, gloo on CPU (--device cpu, or no GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_flag != "cpu" and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    return rank, world, local
+
+
+def teardown(world: int) -> None:
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def agree(error: str | None, world: int) -> None:
+    """Called by every rank after a setup step with its own outcome (None: fine). If any rank failed, every rank
+    raises SetupError with the first failure's message, instead of the others waiting for it until a timeout."""
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise SetupError(first)
+
+
+def attempt(step, *errors: type[Exception]) -> tuple[object, str | None]:
+    """(step(), None), or (None, message) when it raises one of `errors`: the outcome agree() shares."""
+    try:
+        return step(), None
+    except errors as e:
+        return None, str(e)
+
+
+def shared_signal(signum: int | None, device: torch.device, world: int) -> int | None:
+    """The signal any rank received (the largest number when several did), known to every rank."""
+    if world == 1:
+        return signum
+    flag = torch.tensor(signum or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def broadcast_buffers(model: nn.Module, world: int) -> None:
+    """Give every rank rank 0's BN running statistics (the ones last.pt saves) before evaluating."""
+    if world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) that autograd can pass through: the gradient of a sum over ranks is the sum of gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch in training: one differentiable all-reduce of the
+    per-channel sum, sum of squares and count per layer, and no host sync (PyTorch's SyncBatchNorm indexes with a
+    boolean mask, about three syncs per layer and step, and refuses CPU). In eval mode, or alone, it is BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        C = x.shape[1]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least (also under --amp)
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), xf.numel() // C)])
+        total = _AllReduceSum.apply(local)  # (2C + 1,): sums over all ranks
+        n = total[2 * C]
+        mean = total[:C] / n
+        var = (total[C:2 * C] / n - mean * mean).clamp_min(0)  # biased, as BN normalises with
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)  # unbiased
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
+        shift = self.bias - mean * scale
+        return x * scale.view(1, C, 1, 1).to(x.dtype) + shift.view(1, C, 1, 1).to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """The same net with every BatchNorm2d a SyncBatchNorm sharing its parameters and buffers (so the original
+    module, which is saved and evaluated, sees every update)."""
+    if type(module) is nn.BatchNorm2d:
+        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        sync.weight, sync.bias = module.weight, module.bias
+        sync.running_mean, sync.running_var = module.running_mean, module.running_var
+        sync.num_batches_tracked = module.num_batches_tracked
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module

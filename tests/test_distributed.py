@@ -1,0 +1,124 @@
+"""torchrun on CPU with 2 gloo processes: data loaded once per node, setup errors on every rank, a signal to one
+rank, BN statistics that evaluation and last.pt share, and sync-BN equal to one process on the global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import train
+from conftest import ROOT, write_image_folder
+from resnet import load_model
+from test_train import metrics, tiny_args
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# Counts which ranks decode the image folder (the slow part of a cold start), then runs train.py.
+COUNTING_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import data
+real = data._read_image_folder
+def counted(d):
+    with open({log!r}, "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    return real(d)
+data._read_image_folder = counted
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(args: list[str], script: str = "train.py", timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+
+
+def test_two_processes_decode_once_and_evaluate_what_they_save(tmp_path):
+    data_dir = str(tmp_path / "data")
+    write_image_folder(data_dir)  # no cache yet: a cold start
+    log, launcher = tmp_path / "decoded.txt", tmp_path / "launch.py"
+    launcher.write_text(COUNTING_LAUNCHER.format(root=ROOT, log=str(log)))
+    out = tmp_path / "ddp"
+    r = torchrun(tiny_args(data_dir, out), script=str(launcher))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert log.read_text().split() == ["0"]  # rank 1 read the cache rank 0 wrote
+    assert r.stdout.count("final test accuracy") == 1  # only rank 0 prints
+    rows = metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == ["last.pt"]
+    assert load_model(str(out / "last.pt")).fc.out_features == 10  # single-process, no "module." keys
+    res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", data_dir, "--device", "cpu"])
+    # every test image counted once, and with the BN statistics last.pt holds (rank 0's): the same numbers
+    assert res["test_acc"] == rows[-1]["test_acc"]
+    assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-6
+
+
+def test_setup_errors_reach_every_rank(tiny_folder, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "something").write_text("keep me")
+    for args, message in ((tiny_args(tiny_folder, out), "already exists"),
+                          (tiny_args(tiny_folder, tmp_path / "x", "--resume", str(tmp_path / "nope")),
+                           "does not exist")):
+        t = time.time()
+        r = torchrun(args, timeout=120)
+        assert r.returncode != 0 and time.time() - t < 100  # no rank waits for a timeout
+        # each rank writes its one line (two writes at once may land on one line of the merged stream)
+        assert r.stderr.count("train.py: error:") == 2 and r.stderr.count(message) == 2, r.stderr[-3000:]
+    assert (out / "something").read_text() == "keep me"
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's workers."""
+    pids = {}
+    for child in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{child}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            pids[int(env[b"RANK"])] = int(child)
+    return pids
+
+
+def test_sigterm_to_one_rank_stops_both_cleanly(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *tiny_args(tiny_folder, out, "--epochs", "50")], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None and time.time() - t < 120, proc.communicate()
+        time.sleep(0.1)
+    os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)  # only rank 1, as a pre-empted node would be
+    _, err = proc.communicate(timeout=120)
+    for r in (0, 1):  # each rank its own line (two writes at once may share a line of the merged stream)
+        assert err.count(f"train.py: stopped by SIGTERM (rank {r}); checkpoint saved, resume with: "
+                         f"python train.py --resume {out}") == 1, err[-3000:]
+    assert "exitcode  : 143" in err  # each rank exited 128 + SIGTERM
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
+
+
+def test_sync_bn_on_two_processes_equals_one_process(tiny_folder, tmp_path):
+    args = ("--epochs", "1", "--subset", "80", "--batch-size", "40", "--warmup-epochs", "0")  # two steps
+    train.main(tiny_args(tiny_folder, tmp_path / "one", *args))
+    for name, extra in (("sync", ["--sync-bn"]), ("local", [])):
+        r = torchrun(tiny_args(tiny_folder, tmp_path / name, *args, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def max_diff(name: str) -> float:
+        a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a if "num_batches" not in k)
+
+    # the same global batch: with sync-BN the two processes take one process's steps, up to summation order (a
+    # few steps more and that order alone moves tiny nets by 1e-3); without it each normalises its half batch
+    assert max_diff("sync") < 1e-4 and max_diff("local") > 100 * max_diff("sync"), (max_diff("sync"),
+                                                                                       max_diff("local"))

@@ -1,0 +1,88 @@
+"""The CUDA paths, on a machine with a GPU (skipped elsewhere): checkpoints readable on a CPU, fp32 evaluation after
+--amp, deterministic runs and resume, the classic loop and bench.py on the GPU, NCCL with two GPUs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from test_train import assert_same_weights, interrupt_at, metrics, untimed, weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_args(data_dir: str, out, *extra: str) -> list[str]:
+    return ["--data-dir", data_dir, "--arch", "resnet20", "--width", "4", "--epochs", "2", "--batch-size", "32",
+            "--out", str(out), "--no-progress", "--log-every", "2", "--device", "cuda", *extra]
+
+
+def all_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from all_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from all_tensors(v)
+
+
+def test_gpu_checkpoint_loads_and_evaluates_on_cpu(tiny_folder, tmp_path):
+    amp = ["--amp"] if torch.cuda.is_bf16_supported() else []
+    out = tmp_path / "r"
+    train.main(gpu_args(tiny_folder, out, *amp))
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # no map_location: a CPU-only machine does this
+    assert all(t.device.type == "cpu" for t in all_tensors(ckpt))
+    on_gpu = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cuda"])
+    assert on_gpu["test_acc"] == metrics(out)[-1]["test_acc"]  # fp32 evaluation, in training and after
+    on_cpu = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu"])
+    assert abs(on_cpu["test_acc"] - on_gpu["test_acc"]) <= 0.02  # TF32/cuDNN vs CPU kernels: an image or two
+    # and the run resumes on the CPU: --amp is the process's flag, not the run's
+    train.main(["--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu", "--no-progress", "--epochs", "3"])
+    assert len(metrics(out)) == 3
+
+
+def test_deterministic_runs_are_identical_and_resume_exactly(tiny_folder, tmp_path, monkeypatch):
+    args = ("--deterministic", "--val-split", "40")
+    train.main(gpu_args(tiny_folder, tmp_path / "a", *args))
+    train.main(gpu_args(tiny_folder, tmp_path / "b", *args))
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    broken = tmp_path / "broken"
+    with monkeypatch.context() as m:
+        interrupt_at(m, "batches", 1, 2)
+        with pytest.raises(SystemExit):
+            train.main(gpu_args(tiny_folder, broken, *args))
+    train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cuda",
+                "--deterministic"])
+    assert untimed(metrics(broken)) == untimed(metrics(tmp_path / "a"))
+    assert_same_weights(weights(broken), weights(tmp_path / "a"))
+
+
+def test_classic_loop_and_bench_run_on_the_gpu(tiny_folder, tmp_path):
+    import bench
+    import classic
+
+    row = classic.main([str(tmp_path / "classic"), "--data-dir", tiny_folder, "--epochs", "1", "--width", "4",
+                        "--device", "cuda"])
+    assert 0 <= row["test_acc"] <= 1
+    r = bench.main(["--quick", "--device", "cuda"])
+    assert r["ours_images_per_s"] > 0 and r["peak_memory_mb"] > 0
+    assert r["matmul_peak_tflops"]["fp32_on_tf32_cores"] == torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
+def test_torchrun_nccl_two_gpus(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *gpu_args(tiny_folder, out, "--sync-bn")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cuda"])
+    assert res["test_acc"] == metrics(out)[-1]["test_acc"]
