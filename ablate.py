@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -111,12 +112,18 @@ def run_parallel(cells: list[tuple[str, int]], jobs: int, out: str, recipe: list
                  runtime: list[str] = ()) -> list[str]:
     """Run the cells as train.py processes, `jobs` at a time, the machine's cores shared evenly between them.
 
-    Each run's output goes to <run dir>/train.log. Returns the failed runs (they stay resumable).
+    Each run's output goes to <run dir>/train.log. Returns the failed runs (they stay resumable). Ctrl-C or a
+    SIGTERM to this process stops the runs as it would stop train.py: each saves its checkpoint, nothing new starts.
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     pending, running, failed = list(cells), [], []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old_handler = signal.signal(signal.SIGTERM, stop)
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -139,11 +146,16 @@ def run_parallel(cells: list[tuple[str, int]], jobs: int, out: str, recipe: list
                           f"{os.path.join(run_dir(out, arch, seed), 'train.log')}", flush=True)
                 else:
                     print(f"[ablate] {arch} seed {seed}: finished", flush=True)
-    except KeyboardInterrupt:  # the runs got the same Ctrl-C: each saves its checkpoint and exits
+    except KeyboardInterrupt:  # each run saves its checkpoint and exits (a Ctrl-C reached them already)
+        for proc, log, _, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc, log, _, _ in running:
             proc.wait()
             log.close()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
     return failed
 
 

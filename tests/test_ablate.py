@@ -127,3 +127,29 @@ def test_responses_for_a_list_of_checkpoints(tiny_folder, tmp_path):
                  "--data-dir", tiny_folder, "--response-images", "20"])
     assert (tmp_path / "fig" / "responses-checkpoints.png").stat().st_size > 0
     assert ablate.checkpoint_label(str(tmp_path / "port.th")) == "resnet20 (akamaster/pytorch_resnet_cifar10)"
+
+
+def test_sigterm_to_ablate_stops_its_runs_with_checkpoints(tiny_folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "abl"
+    proc = subprocess.Popen([sys.executable, "ablate.py", "--data-dir", tiny_folder, "--out", str(out), "--archs",
+                             "resnet20", "plain20", "resnet32", "--jobs", "2", "--epochs", "200", "--subset", "64",
+                             "--batch-size", "32", "--width", "4", "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not all((out / a / "seed0" / "last.pt").exists() for a in ("resnet20", "plain20")):
+        assert proc.poll() is None and time.time() - t < 120, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("ablate.py: interrupted"), err
+    for arch in ("resnet20", "plain20"):  # both runs stopped themselves: checkpoint written, resume command logged
+        assert "stopped by SIGTERM" in (out / arch / "seed0" / "train.log").read_text()
+        assert torch.load(out / arch / "seed0" / "last.pt", weights_only=True)["epoch"] < 200
+    assert not (out / "resnet32").exists()  # nothing new started
