@@ -237,7 +237,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)  # process-wide: also switched back off for the next run
 
 
 def explicit_flags(argv: list[str]) -> set[str]:

@@ -120,7 +120,7 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bo
     """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced.
 
     Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint gives.
-    No host sync until the end: the sums grow with index_add_ (bincount and boolean masks would sync on CUDA).
+    No host sync until the end: one-hot sums, deterministic too (bincount and boolean masks would sync on CUDA).
     tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
     """
     model.eval()
@@ -135,8 +135,9 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bo
             both = logits + model(x.flip(3)).float()  # flip the width axis
             correct_tta += (both.argmax(1) == y).sum()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-        total.index_add_(0, y, torch.ones_like(y, dtype=total.dtype))
-        correct.index_add_(0, y, (logits.argmax(1) == y).to(correct.dtype))
+        onehot = nn.functional.one_hot(y, num_classes).to(total.dtype)  # (B, num_classes)
+        total += onehot.sum(0)
+        correct += (onehot * (logits.argmax(1) == y).unsqueeze(1)).sum(0)
     stats = torch.cat([loss_sum.view(1), correct_tta.view(1), correct, total])
     if distributed:
         dist.all_reduce(stats)
