@@ -33,7 +33,7 @@ from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
 from data import DataError, load_cifar10
 from plot_curves import read_metrics
-from resnet import CheckpointError, count_parameters, load_model, model_depth, read_checkpoint
+from resnet import CheckpointError, count_parameters, is_plain, load_model, model_depth, read_checkpoint
 
 PAPER_TABLE6 = {20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (6.61 ± 0.16)"}  # test error %, ResNets
 # name -> (train.py flags shared by every net, default depths in the order they run, out dir, add the ResNet-18 pair)
@@ -181,7 +181,7 @@ def summarize(out: str, archs: list[str], seeds: list[int]) -> list[dict]:
             "train_err": statistics.mean(train_err), "train_err_std": sd(train_err),
             "test_err": statistics.mean(test_err), "test_err_std": sd(test_err),
             "wall_min": statistics.mean(wall) / 60,
-            "paper_test_err": PAPER_TABLE6.get(depth, "") if arch.startswith("resnet") else ""})
+            "paper_test_err": "" if is_plain(arch) else PAPER_TABLE6.get(depth, "")})
     return rows
 
 
@@ -210,7 +210,7 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
     axes = fig.subplots(1, 2, sharey=True)
     depths = sorted({model_depth(a) for a in archs})
     for arch in archs:
-        ax = axes[0] if arch.startswith("plain") else axes[1]
+        ax = axes[0] if is_plain(arch) else axes[1]
         runs = [read_metrics(run_dir(out, arch, s)) for s in seeds]
         n = min(len(r) for r in runs)
         mean = lambda key: [100 * (1 - statistics.mean(r[i][key] for r in runs)) for i in range(n)]
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             run_one(arch, seed, out, recipe, args.data_dir, runtime_flags)
     elif not args.report:
         failed = run_parallel(cells, args.jobs, out, recipe, args.data_dir, runtime_flags)
-    done = [a for a in sorted(archs, key=lambda a: (model_depth(a), a.startswith("resnet")))
+    done = [a for a in sorted(archs, key=lambda a: (model_depth(a), not is_plain(a)))
             if all(finished(out, a, s) for s in args.seeds)]
     if done:
         rows = summarize(out, done, args.seeds)

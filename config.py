@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resnet import MODEL_NAMES
+from resnet import MODEL_NAMES, is_plain
 
 # The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at 64k,
 # on a 45k/5k split. 45,000 // 128 = 351 steps per epoch: 32k/351 = 91.2, 48k/351 = 136.8, 64k/351 = 182.3 epochs.
@@ -202,7 +202,7 @@ def validate(cfg: Config) -> None:
         need(0 < m[0] and m[-1] < cfg.epochs, f"--milestones must lie in (0, --epochs={cfg.epochs}), got {m}")
     need(cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}")
     need(cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}")
-    need(not (cfg.zero_init_residual and cfg.arch.startswith("plain")),
+    need(not (cfg.zero_init_residual and is_plain(cfg.arch)),
          "--zero-init-residual is for residual nets; on a plain net it would zero every block")
     need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume CHECKPOINT")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")

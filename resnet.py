@@ -4,25 +4,26 @@ Reference: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Re
 arXiv:1512.03385. Section 4.2 defines the CIFAR family; ResNet-18/34 follow Table 1, adapted to 32x32 inputs
 (3x3 stride-1 stem, no max-pool), as in the usual CIFAR ports.
 
-| name      | layers | stage widths        | blocks/stage | shortcut   | params (10 classes) |
-|-----------|--------|---------------------|--------------|------------|---------------------|
-| resnet18  | 18     | 16, 32, 64, 128     | 2, 2, 2, 2   | projection | 701,466             |
-| resnet18 (width=64) | 18 | 64, 128, 256, 512 | 2, 2, 2, 2 | projection | 11,173,962          |
-| resnet34  | 34     | 16, 32, 64, 128     | 3, 4, 6, 3   | projection | 1,334,618           |
-| resnet20  | 20     | 16, 32, 64          | 3, 3, 3      | zeropad    | 269,722             |
-| resnet32  | 32     | 16, 32, 64          | 5, 5, 5      | zeropad    | 464,154             |
-| resnet44  | 44     | 16, 32, 64          | 7, 7, 7      | zeropad    | 658,586             |
-| resnet56  | 56     | 16, 32, 64          | 9, 9, 9      | zeropad    | 853,018             |
-| resnet110 | 110    | 16, 32, 64          | 18, 18, 18   | zeropad    | 1,727,962           |
-| plainNN   | NN     | as resnetNN         | as resnetNN  | none       | plain18 690,266, plain34 1,323,418; CIFAR plains = their twins |
+| name      | layers | stage widths    | blocks/stage | shortcut   | params (10 classes)                  |
+|-----------|--------|-----------------|--------------|------------|--------------------------------------|
+| resnet18  | 18     | 16, 32, 64, 128 | 2, 2, 2, 2   | projection | 701,466 (11,173,962 with width=64)   |
+| resnet34  | 34     | 16, 32, 64, 128 | 3, 4, 6, 3   | projection | 1,334,618                            |
+| resnet20  | 20     | 16, 32, 64      | 3, 3, 3      | zeropad    | 269,722                              |
+| resnet32  | 32     | 16, 32, 64      | 5, 5, 5      | zeropad    | 464,154                              |
+| resnet44  | 44     | 16, 32, 64      | 7, 7, 7      | zeropad    | 658,586                              |
+| resnet56  | 56     | 16, 32, 64      | 9, 9, 9      | zeropad    | 853,018                              |
+| resnet110 | 110    | 16, 32, 64      | 18, 18, 18   | zeropad    | 1,727,962                            |
+| plainNN   | NN     | as resnetNN     | as resnetNN  | none       | plain18 690,266, plain34 1,323,418   |
 
-Layers count the weighted layers on the main path: stem conv + 2 per block + the classifier (6n+2 for the CIFAR
+The CIFAR plain nets have exactly their twins' parameters (option A adds none); the ResNet-18/34 pairs differ by
+their projection shortcuts. Layers count the weighted layers on the main path: stem conv + 2 per block + the classifier (6n+2 for the CIFAR
 family). `python resnet.py` prints this table from the code.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,50 +96,64 @@ class ResNet(nn.Module):
 # ----------------------------------------------------------------------------------------------- the named nets
 
 
+@dataclass(frozen=True)
+class Arch:
+    """A residual net's shape; its plain twin (plainNN) is the same without shortcuts."""
+
+    blocks: tuple[int, ...]  # BasicBlocks per stage
+    widths: tuple[int, ...]  # each stage's width, as a multiple of --width
+    shortcut: str  # where the shape changes: "projection" (option B) or "zeropad" (option A)
+
+    @property
+    def depth(self) -> int:  # weighted layers on the main path: stem + 2 per block + classifier
+        return 2 * sum(self.blocks) + 2
+
+
+ARCHS = {
+    "resnet18": Arch((2, 2, 2, 2), (1, 2, 4, 8), "projection"),  # Table 1, adapted to 32x32 inputs
+    "resnet34": Arch((3, 4, 6, 3), (1, 2, 4, 8), "projection"),
+    **{f"resnet{6 * n + 2}": Arch((n, n, n), (1, 2, 4), "zeropad") for n in (3, 5, 7, 9, 18)},  # section 4.2
+}
+MODEL_NAMES = tuple(ARCHS) + tuple(name.replace("resnet", "plain") for name in ARCHS)
+
+
+def is_plain(name: str) -> bool:
+    return name.startswith("plain")
+
+
+def model_depth(name: str) -> int:
+    return ARCHS[name.replace("plain", "resnet")].depth
+
+
+def build_model(name: str, num_classes: int = 10, width: int = 16, shortcut: str | None = None,
+                zero_init_residual: bool = False) -> ResNet:
+    """Build a registered net by name (MODEL_NAMES); a residual net may take another shortcut, a plain net none."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    arch = ARCHS[name.replace("plain", "resnet")]
+    if is_plain(name) and shortcut not in (None, "none"):
+        raise ValueError(f"{name} is a plain net; it takes no shortcut")
+    shortcut = "none" if is_plain(name) else shortcut or arch.shortcut
+    return ResNet(list(arch.blocks), [m * width for m in arch.widths], num_classes, shortcut, zero_init_residual)
+
+
 def ResNet18(num_classes: int = 10, width: int = 16, shortcut: str = "projection", **kw) -> ResNet:
     """Our CIFAR ResNet-18: widths w, 2w, 4w, 8w; two blocks per stage."""
-    return ResNet([2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], num_classes, shortcut, **kw)
+    return build_model("plain18" if shortcut == "none" else "resnet18", num_classes, width,
+                       None if shortcut == "none" else shortcut, **kw)
 
 
 def ResNet34(num_classes: int = 10, width: int = 16, shortcut: str = "projection", **kw) -> ResNet:
-    return ResNet([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width], num_classes, shortcut, **kw)
+    return build_model("plain34" if shortcut == "none" else "resnet34", num_classes, width,
+                       None if shortcut == "none" else shortcut, **kw)
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, shortcut: str = "zeropad", **kw) -> ResNet:
     """The paper's section 4.2 nets: 6n+2 layers, three stages of n blocks at widths 16, 32, 64."""
-    if (depth - 2) % 6:
+    if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
     return ResNet([n, n, n], [width, 2 * width, 4 * width], num_classes, shortcut, **kw)
-
-
-def _registry() -> dict[str, tuple]:
-    """name -> (constructor, default shortcut, depth)."""
-    reg = {"resnet18": (ResNet18, "projection", 18), "resnet34": (ResNet34, "projection", 34)}
-    for depth in (20, 32, 44, 56, 110):
-        reg[f"resnet{depth}"] = (lambda d=depth, **kw: cifar_resnet(d, **kw), "zeropad", depth)
-    for name, (ctor, _, depth) in list(reg.items()):
-        reg[name.replace("resnet", "plain")] = (ctor, "none", depth)
-    return reg
-
-
-MODEL_NAMES = tuple(_registry())
-
-
-def build_model(name: str, num_classes: int = 10, **kw) -> ResNet:
-    """Build a registered net by name (see MODEL_NAMES); kw: width, zero_init_residual, shortcut (residual nets)."""
-    reg = _registry()
-    if name not in reg:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
-    ctor, shortcut, _ = reg[name]
-    if shortcut == "none" and kw.get("shortcut", "none") != "none":
-        raise ValueError(f"{name} is a plain net; it takes no shortcut")
-    kw.setdefault("shortcut", shortcut)
-    return ctor(num_classes=num_classes, **kw)
-
-
-def model_depth(name: str) -> int:
-    return _registry()[name][2]
 
 
 def count_parameters(model: nn.Module) -> int:
