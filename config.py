@@ -22,10 +22,19 @@ RECIPES = {
     # Time to accuracy (README, "Speed"): fewer epochs, a higher peak, and a linear decay to zero instead of steps.
     "fast": dict(epochs=20, schedule="linear", lr=0.2, warmup_epochs=2.0),
 }
-# Flags that describe this process and its hardware, not the experiment: a resumed run takes them from the new
-# command line (so a run trained with --amp on a GPU resumes, or is evaluated, on a CPU).
-RUNTIME_FIELDS = ("device", "amp", "sync_bn", "channels_last", "compile", "deterministic", "data_dir", "resume",
-                  "eval_only", "progress", "log_every", "save_every_steps", "tta")
+
+
+def _section(name: str, runtime: bool = False):
+    """A field factory for one group of flags (a header in --help). runtime=True: the flag describes this process
+    and its hardware, not the experiment, so a resumed run takes it from the new command line (a run trained with
+    --amp on a GPU resumes, or is evaluated, on a CPU)."""
+    def make(default, help: str, **argparse_kw):
+        return field(default=default, metadata={"help": help, "section": name, "runtime": runtime, **argparse_kw})
+    return make
+
+
+_model, _optim, _sched, _data = _section("model"), _section("optimisation"), _section("schedule"), _section("data")
+_rundir, _process = _section("run directory"), _section("hardware and process", runtime=True)
 
 
 class UserError(Exception):
@@ -38,56 +47,56 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    arch: str = field(default="resnet18", metadata={"help": f"model: {', '.join(MODEL_NAMES)}"})
-    width: int = field(default=16, metadata={"help": "width of the first stage (ResNet-18: 16 -> 16/32/64/128)"})
-    zero_init_residual: bool = field(default=False, metadata={"help": "start each residual block as the identity"})
-    epochs: int = field(default=50, metadata={
-        "help": "training epochs; with --resume a larger value extends the run (its schedule becomes that of a run "
-                "started with the new --epochs)"})
-    batch_size: int = field(default=128, metadata={"help": "global batch size (split evenly across torchrun ranks)"})
-    lr: float = field(default=0.1, metadata={"help": "peak learning rate, for the global batch"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
-    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy, in [0, 1)"})
-    milestones: list = field(default=None, metadata={
-        "help": "epochs at which the lr is multiplied by --gamma (default: 50%% and 75%% of --epochs)", "nargs": "+"})
-    gamma: float = field(default=0.1, metadata={"help": "lr factor at each milestone"})
-    schedule: str = field(default="step", metadata={
-        "help": "after warm-up: step (x --gamma at each milestone) or linear (straight down to 0 at the last step)",
-        "choices": ("step", "linear")})
-    warmup_epochs: float = field(default=None, metadata={
-        "help": "lr warm-up length, in epochs (fractions allowed); default 1 epoch, at most 20%% of --epochs"})
-    warmup: str = field(default="linear", metadata={
-        "help": "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's ResNet-110 trick)",
-        "choices": ("linear", "constant")})
-    seed: int = field(default=0, metadata={"help": "seed for init, subset, split, order and augmentation"})
-    data_dir: str = field(default="./data", metadata={
-        "help": "CIFAR-10: cifar-10-batches-py/ (downloaded when missing) or train/ and test/ class folders"})
-    subset: int = field(default=None, metadata={"help": "train on a seeded random subset of N training images"})
-    val_split: int = field(default=0, metadata={"help": "hold out N training images for validation (and best.pt)"})
-    out: str = field(default=None, metadata={"help": "run directory (default runs/<arch>-<timestamp>)"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an existing run directory"})
-    resume: str = field(default=None, metadata={"help": "run dir or checkpoint to continue from (or to evaluate)"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate the --resume checkpoint on the test set"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "choices": ("auto", "cpu", "cuda")})
-    amp: bool = field(default=False, metadata={
-        "help": "bf16 autocast in training (CUDA, compute capability >= 8.0; BN stays fp32); evaluation is fp32"})
-    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (faster on CPU and GPU)"})
-    tta: bool = field(default=False, metadata={
-        "help": "also report test accuracy with flip test-time augmentation (logged as test_acc_tta)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training model"})
-    sync_bn: bool = field(default=False, metadata={
-        "help": "BatchNorm statistics of the global batch across torchrun processes (CPU or CUDA)"})
-    deterministic: bool = field(default=False, metadata={
-        "help": "deterministic kernels (slower on CUDA; no cudnn.benchmark); CPU runs are deterministic anyway"})
-    save_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps inside an epoch"})
-    log_every: int = field(default=20, metadata={"help": "steps between progress updates and non-finite checks"})
-    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
-    recipe: str = field(default="default", metadata={
-        "help": "preset: 'paper' = the paper's schedule (182 epochs, 45k/5k split, wd 1e-4, steps at 32k/48k iters); "
-                "'fast' = 20 epochs, lr 0.2, 2 warm-up epochs, linear decay to 0",
-        "choices": tuple(RECIPES)})
+    # model
+    arch: str = _model("resnet18", f"model: {', '.join(MODEL_NAMES)}")
+    width: int = _model(16, "width of the first stage (ResNet-18: 16 -> 16/32/64/128)")
+    zero_init_residual: bool = _model(False, "start each residual block as the identity")
+    # optimisation
+    epochs: int = _optim(50, "training epochs; with --resume a larger value extends the run (its schedule becomes "
+                             "that of a run started with the new --epochs)")
+    batch_size: int = _optim(128, "global batch size (split evenly across torchrun ranks)")
+    lr: float = _optim(0.1, "peak learning rate, for the global batch")
+    momentum: float = _optim(0.9, "SGD momentum")
+    nesterov: bool = _optim(True, "Nesterov momentum")
+    weight_decay: float = _optim(5e-4, "L2 weight decay")
+    label_smoothing: float = _optim(0.1, "label smoothing of the cross-entropy, in [0, 1)")
+    # schedule
+    schedule: str = _sched("step", "after warm-up: step (x --gamma at each milestone) or linear (straight down to 0 "
+                                   "at the last step)", choices=("step", "linear"))
+    milestones: list[float] | None = _sched(None, "epochs at which the lr is multiplied by --gamma (default: 50%% and "
+                                                  "75%% of --epochs)", nargs="+")
+    gamma: float = _sched(0.1, "lr factor at each milestone")
+    warmup_epochs: float | None = _sched(None, "lr warm-up length, in epochs (fractions allowed); default 1 epoch, at "
+                                               "most 20%% of --epochs")
+    warmup: str = _sched("linear", "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's "
+                                   "ResNet-110 trick)", choices=("linear", "constant"))
+    recipe: str = _sched("default", "preset, whose values explicit flags override: " + "; ".join(
+        f"{name}: " + (", ".join(f"{k} {v}" for k, v in preset.items()) or "the defaults")
+        for name, preset in RECIPES.items()), choices=tuple(RECIPES))
+    # data
+    seed: int = _data(0, "seed for init, subset, split, order and augmentation")
+    subset: int | None = _data(None, "train on a seeded random subset of N training images")
+    val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
+    # run directory
+    out: str | None = _rundir(None, "run directory (default runs/<arch>-<timestamp>)")
+    overwrite: bool = _rundir(False, "allow writing into an existing run directory")
+    # hardware and process: taken from the new command line on --resume
+    data_dir: str = _process("./data", "CIFAR-10: cifar-10-batches-py/ (downloaded when missing) or train/ and test/ "
+                                       "class folders")
+    resume: str | None = _process(None, "run dir or checkpoint to continue from (or to evaluate)")
+    eval_only: bool = _process(False, "evaluate the --resume checkpoint on the test set")
+    device: str = _process("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    amp: bool = _process(False, "bf16 autocast in training (CUDA, compute capability >= 8.0; BN stays fp32); "
+                                "evaluation is fp32")
+    channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
+    compile: bool = _process(False, "torch.compile the training model")
+    sync_bn: bool = _process(False, "BatchNorm statistics of the global batch across torchrun processes (CPU or CUDA)")
+    deterministic: bool = _process(False, "deterministic kernels (slower on CUDA; no cudnn.benchmark); sets PyTorch's "
+                                          "deterministic mode to this value. CPU runs are deterministic anyway")
+    tta: bool = _process(False, "also report test accuracy with flip test-time augmentation (logged as test_acc_tta)")
+    save_every_steps: int = _process(0, "also checkpoint every N steps inside an epoch")
+    log_every: int = _process(20, "steps between progress updates and non-finite checks")
+    progress: bool = _process(True, "tqdm progress bar")
 
     def warmup_length(self) -> float:
         """Warm-up in epochs: --warmup-epochs as given, or by default 1 epoch capped at 20% of a short run."""
@@ -133,6 +142,10 @@ class Config:
             raise UserError(f"{n - self.val_split} training images are fewer than one batch of {self.batch_size}")
 
 
+# The process's flags (section "hardware and process"): a resumed run takes them from the new command line.
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["runtime"])
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would add the usage block)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -152,16 +165,21 @@ def run_script(prog: str, main, argv: list[str] | None, errors: tuple[type[Excep
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, typed from its annotation, under its section's header in --help."""
     p = _Parser(prog="train.py", description="Train a ResNet on CIFAR-10.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
+        kw = {k: v for k, v in f.metadata.items() if k not in ("section", "runtime")}
+        section = f.metadata["section"]
+        group = groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
-        kw = {k: v for k, v in f.metadata.items()}
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
-            continue
-        typ = {"str": str, "int": int, "float": float, "list": float}[f.type]  # list: --milestones
-        p.add_argument(flag, type=typ, default=f.default, **kw)
+        kind = f.type.split(" | ")[0]  # "int | None" -> "int"
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+        else:
+            group.add_argument(flag, type={"str": str, "int": int, "float": float, "list[float]": float}[kind],
+                               default=f.default, **kw)
     return p
 
 
