@@ -27,6 +27,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the 50,000 traini
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel standard deviation (not the oft-copied 0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_NAME = "cifar10-uint8-cache.pt"
+PAD = 4  # random crops are taken from the image zero-padded by PAD pixels on each side
 
 
 class DataError(Exception):
@@ -101,14 +102,18 @@ def _read_image_folder(data_dir: str) -> Cifar:
     return Cifar(*tensors, classes=classes)
 
 
-def _layout(data_dir: str) -> str:
-    if not os.path.isdir(data_dir):
-        return "missing"
+def detect_layout(data_dir: str, download: bool = True) -> str:
+    """"torchvision" (cifar-10-batches-py/, or a missing or empty directory torchvision may download into) or
+    "folder" (train/ and test/ class folders); anything else is a DataError."""
     if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
         return "torchvision"
     if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
         return "folder"
-    return "unknown"
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise DataError(f"{data_dir} holds neither cifar-10-batches-py/ nor train/ and test/ class folders")
+    if not download:
+        raise DataError(f"data directory {data_dir} {'is empty' if os.path.isdir(data_dir) else 'does not exist'}")
+    return "torchvision"
 
 
 def _signature(data_dir: str, layout: str) -> str:
@@ -127,28 +132,17 @@ def _signature(data_dir: str, layout: str) -> str:
 
 def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -> Cifar:
     """Read CIFAR-10 (either layout) from data_dir as uint8 tensors, through the cache beside it."""
-    layout = _layout(data_dir)
-    if layout == "missing" and not download:
-        raise DataError(f"data directory {data_dir} does not exist")
-    if layout == "unknown":
-        if not os.listdir(data_dir):
-            if not download:
-                raise DataError(f"data directory {data_dir} is empty")
-            layout = "torchvision"
-        else:
-            raise DataError(f"{data_dir} holds neither cifar-10-batches-py/ nor train/ and test/ class folders")
-    if layout == "missing":
-        layout = "torchvision"  # let torchvision download into it
-    if layout == "folder" or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
-        sig = _signature(data_dir, layout)
-        cache = os.path.join(data_dir, CACHE_NAME)
-        if use_cache and os.path.exists(cache):
-            try:
-                c = torch.load(cache, weights_only=True)
-                if c["signature"] == sig:
-                    return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"])
-            except Exception:
-                pass  # stale or broken cache: rebuild it
+    layout = detect_layout(data_dir, download)
+    cache = os.path.join(data_dir, CACHE_NAME)
+    has_files = layout == "folder" or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
+    sig = _signature(data_dir, layout) if use_cache and has_files else None
+    if sig and os.path.exists(cache):
+        try:
+            c = torch.load(cache, weights_only=True)
+            if c["signature"] == sig:
+                return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"])
+        except Exception:
+            pass  # stale or broken cache: rebuild it
     existed = os.path.isdir(data_dir)
     try:
         data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download)
@@ -157,12 +151,12 @@ def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -
             os.rmdir(data_dir)  # a failed download leaves no empty directory behind
         raise
     if use_cache:
-        sig = _signature(data_dir, layout)
-        try:
-            tmp = os.path.join(data_dir, CACHE_NAME + f".tmp{os.getpid()}")
-            torch.save({"signature": sig, "classes": data.classes, "train_x": data.train_x, "train_y": data.train_y,
-                        "test_x": data.test_x, "test_y": data.test_y}, tmp)
-            os.replace(tmp, os.path.join(data_dir, CACHE_NAME))
+        try:  # the signature of what was read (a download has just written its files)
+            tmp = f"{cache}.tmp{os.getpid()}"
+            torch.save({"signature": sig or _signature(data_dir, layout), "classes": data.classes,
+                        "train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
+                        "test_y": data.test_y}, tmp)
+            os.replace(tmp, cache)
         except OSError:
             pass  # read-only data dir: run without a cache
     return data
@@ -179,7 +173,7 @@ def split_indices(n: int, subset: int | None, val_split: int, seed: int) -> tupl
 # ----------------------------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:
     """Random crop of the zero-padded image at offsets (dx, dy) in [0, 2*pad], mirrored where flip: one gather.
 
     x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, H, W) uint8.
@@ -219,11 +213,11 @@ class Loader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str, train: bool,
-                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, augment: bool = True,
+                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, crop_flip: bool = True,
                  mean=CIFAR10_MEAN, std=CIFAR10_STD):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
-        self.augment = augment  # crop + flip on training batches (off only for checks and benchmarks)
+        self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -245,11 +239,11 @@ class Loader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # CPU generator: same stream on any device
         n = len(self.x)
         perm = torch.randperm(n, generator=g).to(self.device)
-        dx, dy = torch.randint(0, 9, (2, n), generator=g).to(self.device)  # crop offsets in the 40x40 padded image
+        dx, dy = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)  # crop offsets, padded image
         flip = torch.randint(0, 2, (n,), generator=g).to(self.device)
         local = self.batch_size // self.world
         for step in range(start, len(self)):
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
-            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx]) if self.augment else self.x[idx]
+            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx]) if self.crop_flip else self.x[idx]
             yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]

@@ -34,6 +34,7 @@ from resnet import CheckpointError, build_model, model_from_checkpoint, read_che
 
 
 SUMS = ("loss_sum", "correct", "count")  # an epoch's running training sums, kept on the device
+EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
 
 
 def new_totals(device: torch.device | str) -> dict:
@@ -210,7 +211,7 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
     data = load_cifar10(cfg.data_dir)
-    loader = Loader(data.test_x, data.test_y, 500, device, train=False, **model.normalization)
+    loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, **model.normalization)
     res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
     tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
     origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")
@@ -276,8 +277,8 @@ def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = f
     loader_kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world)
     train_loader = Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True,
                           seed=cfg.seed, **loader_kw)
-    test_loader = Loader(data.test_x, data.test_y, 500, train=False, **loader_kw)
-    val_loader = Loader(data.train_x[val_idx], data.train_y[val_idx], 500, train=False, **loader_kw) \
+    test_loader = Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **loader_kw)
+    val_loader = Loader(data.train_x[val_idx], data.train_y[val_idx], EVAL_BATCH, train=False, **loader_kw) \
         if cfg.val_split else None
 
     model_kwargs = {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}

@@ -67,7 +67,7 @@ def test_lean_loop_step_equals_reference_step():
     opt = classic.sgd(ours)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     totals = new_totals("cpu")
-    loader = Loader(x, y, 16, "cpu", train=True, channels_last=True, augment=False)
+    loader = Loader(x, y, 16, "cpu", train=True, channels_last=True, crop_flip=False)
     train_one_epoch(ours, loader, opt, sched, crit, 0, totals)
     our_loss = (totals["loss_sum"] / totals["count"]).item()
 
