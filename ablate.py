@@ -32,8 +32,8 @@ import train
 from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
 from data import DataError, load_cifar10
-from plot_curves import read_metrics
-from resnet import CheckpointError, count_parameters, is_plain, load_model, model_depth, read_checkpoint
+from resnet import count_parameters, is_plain, model_depth
+from runs import CheckpointError, finished, load_model, read_checkpoint, read_metrics
 
 PAPER_TABLE6 = {20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (6.61 ± 0.16)"}  # test error %, ResNets
 # name -> (train.py flags shared by every net, default depths in the order they run, out dir, add the ResNet-18 pair)
@@ -83,7 +83,7 @@ def train_argv(arch: str, seed: int, out: str, recipe: list[str], data_dir: str,
     last = os.path.join(d, "last.pt")
     common = ["--data-dir", data_dir, "--no-progress", *runtime]
     if os.path.exists(last):
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(last)
         if ckpt["epoch"] >= ckpt["config"]["epochs"]:
             print(f"[ablate] {arch} seed {seed}: done, skipped", flush=True)
             return None
@@ -157,14 +157,6 @@ def run_parallel(cells: list[tuple[str, int]], jobs: int, out: str, recipe: list
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     return failed
-
-
-def finished(out: str, arch: str, seed: int) -> bool:
-    last = os.path.join(run_dir(out, arch, seed), "last.pt")
-    if not os.path.exists(last):
-        return False
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    return ckpt["epoch"] >= ckpt["config"]["epochs"]
 
 
 def summarize(out: str, archs: list[str], seeds: list[int]) -> list[dict]:
@@ -330,7 +322,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif not args.report:
         failed = run_parallel(cells, args.jobs, out, recipe, args.data_dir, runtime_flags)
     done = [a for a in sorted(archs, key=lambda a: (model_depth(a), not is_plain(a)))
-            if all(finished(out, a, s) for s in args.seeds)]
+            if all(finished(run_dir(out, a, s)) for s in args.seeds)]
     if done:
         rows = summarize(out, done, args.seeds)
         write_tables(rows, out)

@@ -21,7 +21,7 @@ from torch import nn
 from config import UserError, resolve_device, run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
-from train import append_metrics, format_row
+from runs import append_metrics, format_row
 
 
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:

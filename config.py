@@ -264,19 +264,3 @@ def explicit_flags(argv: list[str]) -> set[str]:
     for action in p._actions:  # an untyped flag then leaves no attribute at all
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
-
-
-def run_info(cfg: Config, device: torch.device, world: int) -> dict:
-    """What config.json records: the config, library versions, device, world size and git commit."""
-    import subprocess
-
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}

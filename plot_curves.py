@@ -9,22 +9,10 @@ are measured after the epoch. Works on the partial log of a job that is still ru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-
-def read_metrics(run_dir: str) -> list[dict]:
-    """The complete lines of run_dir/metrics.jsonl (a torn last line from a crash is skipped)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+from runs import read_metrics
 
 
 def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None, x: str = "epoch",

@@ -160,86 +160,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
-
-
-PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as that port uses
-
-
-def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True (pickled code never runs); every failure becomes one clear line.
-
-    Reads train.py's checkpoints and the published nets of akamaster/pytorch_resnet_cifar10 (converted on the fly,
-    see from_port_checkpoint).
-    """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # UnpicklingError (unsafe payload), RuntimeError (truncated/corrupt zip), EOFError...
-        kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
-            else "unreadable (truncated or corrupt)"
-        raise CheckpointError(f"checkpoint {path} is {kind}") from None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and "model" not in ckpt:
-        return from_port_checkpoint(ckpt, path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        raise CheckpointError(f"{path} is neither a train.py checkpoint (no 'model'/'arch' entries) nor a "
-                              "pytorch_resnet_cifar10 one (no 'state_dict')")
-    return ckpt
-
-
-def from_port_checkpoint(ckpt: dict, path: str = "checkpoint") -> dict:
-    """akamaster/pytorch_resnet_cifar10's {"state_dict": ...} as one of our checkpoints (weights only).
-
-    Its names are ours under other words: module.layer{k}.{i}. -> stages.{k-1}.{i}., linear -> fc; it saves no
-    num_batches_tracked. The depth comes from the blocks in its stages; its nets were trained on ImageNet's mean/std.
-    """
-    sd = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    try:
-        blocks = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3)]
-        width, num_classes = sd["conv1.weight"].shape[0], sd["linear.weight"].shape[0]
-    except (KeyError, AttributeError, IndexError):
-        raise CheckpointError(f"{path}: a 'state_dict' checkpoint, but not a pytorch_resnet_cifar10 ResNet") from None
-    if len(set(blocks)) != 1 or not blocks[0] or "layer4.0.conv1.weight" in sd:
-        raise CheckpointError(f"{path}: stages of {blocks} blocks are not a CIFAR ResNet (6n+2 layers)")
-    model = {}
-    for k, v in sd.items():
-        if k.startswith("layer"):
-            k = f"stages.{int(k[5]) - 1}{k[6:]}"
-        model[k.replace("linear.", "fc.", 1) if k.startswith("linear.") else k] = v
-    for k in [k for k in model if k.endswith(".running_var")]:
-        model.setdefault(k.replace("running_var", "num_batches_tracked"), torch.tensor(0))
-    return {"format": 1, "arch": f"resnet{6 * blocks[0] + 2}", "model": model, "epoch": None,
-            "model_kwargs": {"num_classes": num_classes, "width": width}, "normalization": PORT_NORMALIZATION,
-            "source": "akamaster/pytorch_resnet_cifar10"}
-
-
-def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
-    """Rebuild the architecture named in the checkpoint, load its weights and the input normalisation it needs."""
-    try:
-        model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or width?)") \
-            from None
-    if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
-        model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
-    return model
+# ----------------------------------------------------------------------------------------------- trained nets
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt) or a pytorch_resnet_cifar10
-    one (resnet20-12fca82f.th, ...). Feed it model.normalize(images): the checkpoint's own mean/std."""
-    return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
+    """A trained model, in eval mode, from a train.py checkpoint or a pytorch_resnet_cifar10 one: runs.load_model,
+    here too so that `from resnet import ResNet18, load_model` is all a notebook needs."""
+    from runs import load_model as load  # runs.py builds its nets with this module: imported on use
+
+    return load(path, map_location)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

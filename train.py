@@ -13,7 +13,6 @@ Writes to the run dir: config.json, metrics.jsonl (one line per epoch), last.pt 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -26,11 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_info,
-                    run_script, validate_runtime)
+from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_script,
+                    validate_runtime)
 from data import CIFAR10_MEAN, CIFAR10_STD, Cifar, DataError, Loader, load_cifar10, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
-from resnet import CheckpointError, build_model, model_from_checkpoint, read_checkpoint
+from resnet import build_model
+from runs import (CheckpointError, append_metrics, format_row, model_from_checkpoint, read_checkpoint, read_metrics,
+                  run_info, save_atomic, to_cpu, truncate_metrics)
 
 
 SUMS = ("loss_sum", "correct", "count")  # an epoch's running training sums, kept on the device
@@ -150,58 +151,6 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bo
     if tta:
         out["acc_tta"] = correct_tta / n
     return out
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def to_cpu(state):
-    """A state dict (nested dicts and lists of tensors) with every tensor on the CPU."""
-    if isinstance(state, torch.Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {k: to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(to_cpu(v) for v in state)
-    return state
-
-
-def save_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file and rename: a crash mid-write never leaves a torn checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def format_row(row: dict) -> str:
-    """One metrics row as the line printed after each epoch."""
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-
-
-def append_metrics(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_metrics(path: str, epochs_done: int) -> None:
-    """Keep only complete lines of epochs the checkpoint has seen: no duplicates or torn lines after a resume."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("epoch", math.inf) <= epochs_done:
-                keep.append(json.dumps(row) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -418,8 +367,6 @@ def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = f
             signal.signal(s, h)
     wall = time.time() - t_start
     if not row and main_proc:  # resumed a finished run: report its logged result, train nothing
-        from plot_curves import read_metrics
-
         row = (read_metrics(out) or [{}])[-1]
         print(f"train.py: {out} already finished its {cfg.epochs} epochs; nothing to do", file=sys.stderr)
     summary = {"out": out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),

@@ -90,7 +90,8 @@ def test_lean_loop_step_equals_reference_step():
 
 def test_classic_train_writes_train_py_metrics(tmp_path, tiny_folder):
     """The time-to-accuracy baseline runs end to end and logs what plot_curves.py reads, with its step schedule."""
-    from plot_curves import plot_runs, read_metrics
+    from plot_curves import plot_runs
+    from runs import read_metrics
 
     out = str(tmp_path / "classic")
     classic.main([out, "--data-dir", tiny_folder, "--epochs", "4", "--width", "4"])

@@ -13,7 +13,8 @@ from torch import nn
 import train
 from conftest import ROOT
 from data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-from resnet import PORT_NORMALIZATION, build_model, load_model
+from resnet import build_model, load_model
+from runs import PORT_NORMALIZATION
 from test_train import tiny_args
 
 PEER_WEIGHTS = os.path.join(ROOT, "..", "shared", "reference", "peer-weights")
@@ -110,7 +111,7 @@ def test_port_checkpoint_cannot_be_resumed_for_training(tiny_folder, tmp_path, c
 
 
 def test_a_state_dict_that_is_not_a_cifar_resnet_is_one_line(tmp_path):
-    from resnet import CheckpointError
+    from runs import CheckpointError
 
     path = tmp_path / "other.th"
     torch.save({"state_dict": {"module.fc.weight": torch.zeros(10, 4)}}, path)

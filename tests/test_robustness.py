@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
+import runs
 import train
 from conftest import ROOT
-from resnet import CheckpointError, load_model
+from resnet import load_model
+from runs import CheckpointError
 from test_train import assert_same_weights, metrics, tiny_args, untimed, weights
 
 
@@ -246,7 +248,7 @@ def test_checkpoint_state_is_moved_to_the_cpu_whole():
     GPU host tests/test_gpu.py checks a real CUDA checkpoint loads without map_location."""
     state = {"state": {0: {"momentum_buffer": torch.ones(3)[::2]}}, "param_groups": [{"lr": 0.1, "params": [0]}],
              "pair": (torch.zeros(2), 5)}
-    moved = train.to_cpu(state)
+    moved = runs.to_cpu(state)
     assert moved["param_groups"] == state["param_groups"] and isinstance(moved["pair"], tuple)
     assert torch.equal(moved["state"][0]["momentum_buffer"], torch.ones(2)) and moved["pair"][1] == 5
     assert all(t.device.type == "cpu" for t in (moved["state"][0]["momentum_buffer"], moved["pair"][0]))
