@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
-        "model": {"arch": a.arch, "width": a.width, "batch_size": batch, "train_gflop_per_image": round(flops / 1e9, 4)},
+        "model": {"arch": a.arch, "width": a.width, "batch_size": batch,
+                  "train_gflop_per_image": round(flops / 1e9, 4)},
         "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4),
                                "fp32_on_tf32_cores": tf32},
         **{f"{k}_images_per_s": round(med[k], 1) if k in med else None

@@ -16,8 +16,8 @@ arXiv:1512.03385. Section 4.2 defines the CIFAR family; ResNet-18/34 follow Tabl
 | plainNN   | NN     | as resnetNN     | as resnetNN  | none       | plain18 690,266, plain34 1,323,418   |
 
 The CIFAR plain nets have exactly their twins' parameters (option A adds none); the ResNet-18/34 pairs differ by
-their projection shortcuts. Layers count the weighted layers on the main path: stem conv + 2 per block + the classifier (6n+2 for the CIFAR
-family). `python resnet.py` prints this table from the code.
+their projection shortcuts. Layers count the weighted layers on the main path: stem conv + 2 per block + the
+classifier (6n+2 for the CIFAR family). `python resnet.py` prints this table from the code.
 """
 
 from __future__ import annotations
