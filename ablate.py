@@ -33,7 +33,7 @@ from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
 from data import DataError, load_cifar10
 from resnet import count_parameters, is_plain, model_depth
-from runs import CheckpointError, finished, load_model, read_checkpoint, read_metrics
+from runs import CheckpointError, finished, load_model, model_from_checkpoint, read_checkpoint, read_metrics
 
 PAPER_TABLE6 = {20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (6.61 ± 0.16)"}  # test error %, ResNets
 # name -> (train.py flags shared by every net, default depths in the order they run, out dir, add the ResNet-18 pair)
@@ -247,10 +247,12 @@ def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path
     return path
 
 
-def checkpoint_label(path: str) -> str:
-    """resnet56 (results/ablation-depth/resnet56/seed0), or resnet56 (akamaster/pytorch_resnet_cifar10)."""
+def labelled_model(path: str) -> tuple[str, nn.Module]:
+    """The checkpoint's model (read once), labelled resnet56 (results/ablation-depth/resnet56/seed0) or
+    resnet56 (akamaster/pytorch_resnet_cifar10)."""
     ckpt = read_checkpoint(path)
-    return f"{ckpt['arch']} ({ckpt.get('source') or os.path.dirname(path) or path})"
+    label = f"{ckpt['arch']} ({ckpt.get('source') or os.path.dirname(path) or path})"
+    return label, model_from_checkpoint(ckpt, path).eval()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data-dir", default="./data", help="CIFAR-10 directory (as train.py)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side, each with its share of the CPU cores (1: one after another, all cores "
-                        "each). Default: 2 on CPU (measured 5-10%% faster than 1 on a 2-core CPU; README), 1 on CUDA")
+                        "each). Default: 2 on CPU (whole runs measured 8-10%% sooner than 1 on a 2-core CPU; "
+                        "README), 1 on CUDA")
     p.add_argument("--report", action="store_true", help="train nothing: tables and figures of the finished runs")
     p.add_argument("--response-images", type=int, default=1000, help="test images for the Figure 7 responses")
     p.add_argument("--responses", nargs="+", metavar="CHECKPOINT", default=None,
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.responses:
         if recipe:
             p.exit(2, f"ablate.py: error: --responses trains nothing; drop the training flags {' '.join(recipe)}\n")
-        nets = [(checkpoint_label(c), load_model(c)) for c in args.responses]
+        nets = [labelled_model(c) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
         path = plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],
                               os.path.join(args.out or ".", "responses-checkpoints.png"))

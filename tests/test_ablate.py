@@ -126,7 +126,7 @@ def test_responses_for_a_list_of_checkpoints(tiny_folder, tmp_path):
     ablate.main(["--responses", str(tmp_path / "port.th"), str(tmp_path / "ours.pt"), "--out", str(tmp_path / "fig"),
                  "--data-dir", tiny_folder, "--response-images", "20"])
     assert (tmp_path / "fig" / "responses-checkpoints.png").stat().st_size > 0
-    assert ablate.checkpoint_label(str(tmp_path / "port.th")) == "resnet20 (akamaster/pytorch_resnet_cifar10)"
+    assert ablate.labelled_model(str(tmp_path / "port.th"))[0] == "resnet20 (akamaster/pytorch_resnet_cifar10)"
 
 
 def test_sigterm_to_ablate_stops_its_runs_with_checkpoints(tiny_folder, tmp_path):
