@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import tarfile
 
@@ -12,6 +13,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import plot_curves  # noqa: E402  (after the path is set)
+import train  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SHARED_TGZ = os.environ.get("CIFAR10_JPEG_TGZ", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz"))
@@ -86,3 +90,56 @@ def real_cifar(tmp_path_factory) -> str:
     with tarfile.open(SHARED_TGZ) as t:
         t.extractall(root, filter="data")
     return root
+
+
+# ---- helpers for the tests that run train.py on tiny data
+
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s"}
+TIMING = {"epoch_time_s", "images_per_s"}
+
+
+def tiny_args(data_dir: str, out: str, *extra: str) -> list[str]:
+    return ["--data-dir", data_dir, "--arch", "resnet20", "--width", "4", "--epochs", "2", "--batch-size", "32",
+            "--out", str(out), "--no-progress", "--log-every", "2", "--device", "cpu", *extra]
+
+
+def metrics(run_dir) -> list[dict]:
+    return plot_curves.read_metrics(str(run_dir))
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run_dir) -> dict:
+    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0):
+    """Send ourselves SIGTERM at a chosen point, as a scheduler pre-empting the job would."""
+    if where == "evaluate":  # after the epoch's training: the stop lands on an epoch boundary
+        real, calls = train.evaluate, []
+
+        def evaluate(*a, **k):
+            calls.append(1)
+            if len(calls) == epoch:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(train, "evaluate", evaluate)
+    else:  # mid-epoch
+        real_batches = train.Loader.batches
+
+        def batches(self, e=0, start=0):
+            for i, b in enumerate(real_batches(self, e, start), start=start):
+                if self.train and e == epoch and i == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield b
+
+        monkeypatch.setattr(train.Loader, "batches", batches)

@@ -3,7 +3,9 @@ through our code and compute what they computed there; every checkpoint carries 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,11 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import train
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
 from data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
 from resnet import build_model, load_model
 from runs import PORT_NORMALIZATION
-from test_train import tiny_args
 
 PEER_WEIGHTS = os.path.join(ROOT, "..", "shared", "reference", "peer-weights")
 
@@ -148,3 +149,28 @@ def test_published_port_nets_on_the_jpeg_copy(real_cifar, name, accuracy):
         pytest.skip(f"peer weights not found at {path}")
     res = train.main(["--eval-only", "--resume", path, "--data-dir", real_cifar, "--device", "cpu"])
     assert res["test_acc"] == pytest.approx(accuracy, abs=0.00005)  # to 0.01 points: the same images right
+
+
+# ---- a run written by an older train.py
+
+OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "format1-run")
+
+
+def test_a_run_written_by_the_old_code_loads_and_resumes(tiny_folder, tmp_path):
+    """tests/fixtures/format1-run: tiny_args + --val-split 40, stopped by SIGTERM at epoch 2, step 3, written by
+    train.py at commit 2a58917 (before train.py was split and runs.py owned the run directory)."""
+    run = tmp_path / "old"
+    shutil.copytree(OLD_RUN, run)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3) and ckpt["partial"]["count"] == 96
+    assert load_model(str(run / "last.pt")).normalization["mean"] == list(CIFAR10_MEAN)
+    first = metrics(run)[0]
+    summary = train.main(["--resume", str(run), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == first
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    if json.loads((run / "config.json").read_text())["torch"] == torch.__version__:  # same kernels: bit for bit
+        straight = tmp_path / "straight"
+        train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
+        assert untimed(rows) == untimed(metrics(straight))
+        assert_same_weights(weights(run), weights(straight))

@@ -12,9 +12,8 @@ import time
 import torch
 
 import train
-from conftest import ROOT, write_image_folder
+from conftest import ROOT, metrics, tiny_args, write_image_folder
 from resnet import load_model
-from test_train import metrics, tiny_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
-from test_train import assert_same_weights, interrupt_at, metrics, untimed, weights
+from conftest import ROOT, assert_same_weights, interrupt_at, metrics, untimed, weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

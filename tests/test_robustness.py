@@ -15,10 +15,9 @@ import torch
 
 import runs
 import train
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
 from resnet import load_model
 from runs import CheckpointError
-from test_train import assert_same_weights, metrics, tiny_args, untimed, weights
 
 
 def run_main_expect_exit(args: list[str], capsys) -> tuple[int, str]:

@@ -11,32 +11,8 @@ import torch
 
 import plot_curves
 import train
-
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s"}
-TIMING = {"epoch_time_s", "images_per_s"}
-
-
-def tiny_args(data_dir: str, out: str, *extra: str) -> list[str]:
-    return ["--data-dir", data_dir, "--arch", "resnet20", "--width", "4", "--epochs", "2", "--batch-size", "32",
-            "--out", str(out), "--no-progress", "--log-every", "2", "--device", "cpu", *extra]
-
-
-def metrics(run_dir) -> list[dict]:
-    return plot_curves.read_metrics(str(run_dir))
-
-
-def untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def weights(run_dir) -> dict:
-    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from conftest import (METRIC_KEYS, assert_same_weights, interrupt_at, metrics, tiny_args, untimed,
+                      weights)
 
 
 def test_end_to_end_writes_every_run_file(tiny_folder, tmp_path):
@@ -70,30 +46,6 @@ def test_seeded_runs_are_identical(tiny_folder, tmp_path):
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
     assert untimed(metrics(tmp_path / "a")) != untimed(metrics(tmp_path / "c"))
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
-
-
-def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0):
-    """Send ourselves SIGTERM at a chosen point, as a scheduler pre-empting the job would."""
-    if where == "evaluate":  # after the epoch's training: the stop lands on an epoch boundary
-        real, calls = train.evaluate, []
-
-        def evaluate(*a, **k):
-            calls.append(1)
-            if len(calls) == epoch:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*a, **k)
-
-        monkeypatch.setattr(train, "evaluate", evaluate)
-    else:  # mid-epoch
-        real_batches = train.Loader.batches
-
-        def batches(self, e=0, start=0):
-            for i, b in enumerate(real_batches(self, e, start), start=start):
-                if self.train and e == epoch and i == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield b
-
-        monkeypatch.setattr(train.Loader, "batches", batches)
 
 
 @pytest.mark.parametrize("where, epoch, step", [("evaluate", 1, 0), ("batches", 1, 2)])
