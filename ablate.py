@@ -33,7 +33,8 @@ from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
 from data import DataError, load_cifar10
 from resnet import count_parameters, is_plain, model_depth
-from runs import CheckpointError, finished, load_model, model_from_checkpoint, read_checkpoint, read_metrics
+from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
+                  read_metrics)
 
 PAPER_TABLE6 = {20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (6.61 ± 0.16)"}  # test error %, ResNets
 # name -> (train.py flags shared by every net, default depths in the order they run, out dir, add the ResNet-18 pair)
@@ -80,14 +81,13 @@ def train_argv(arch: str, seed: int, out: str, recipe: list[str], data_dir: str,
     runtime: flags of this process (--device, --compile), given to every run and never part of the grid's recipe.
     """
     d = run_dir(out, arch, seed)
-    last = os.path.join(d, "last.pt")
     common = ["--data-dir", data_dir, "--no-progress", *runtime]
-    if os.path.exists(last):
-        ckpt = read_checkpoint(last)
-        if ckpt["epoch"] >= ckpt["config"]["epochs"]:
+    done = progress(d)
+    if done is not None:
+        if done[0] >= done[1]:
             print(f"[ablate] {arch} seed {seed}: done, skipped", flush=True)
             return None
-        print(f"[ablate] {arch} seed {seed}: resuming from epoch {ckpt['epoch']}", flush=True)
+        print(f"[ablate] {arch} seed {seed}: resuming from epoch {done[0]}", flush=True)
         return ["--resume", d, *common]
     extra = []
     if model_depth(arch) >= 110:  # the paper's warm-up for its 110-layer nets

@@ -36,7 +36,7 @@ from classic import ClassicDataset, reference_step, sgd
 from config import run_script
 from data import DataError, Loader, load_cifar10
 from resnet import MODEL_NAMES, build_model
-from train import new_totals, train_one_epoch
+from train import EpochSums, train_one_epoch
 
 
 def sync(device: torch.device) -> None:
@@ -112,7 +112,7 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
                          train=True, channels_last=channels_last) for n in {warmup, steps}}
 
     def run_steps(n: int) -> None:
-        train_one_epoch(model, loaders[n], opt, sched, crit, epoch[0], new_totals(device), amp=amp, log_every=10**9)
+        train_one_epoch(model, loaders[n], opt, sched, crit, EpochSums(device), epoch[0], amp=amp)
         epoch[0] += 1
 
     if profile:

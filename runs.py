@@ -6,7 +6,7 @@ classic.py read. One owner for the format.
     <run>/last.pt         every epoch and every --save-every-steps steps; best.pt only with a validation split
     <run>/curves.png
 
-A checkpoint (format 1) is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
+A checkpoint is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
 model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the epoch's
 running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std) and rng.
 Older checkpoints without normalization were all trained on CIFAR-10's.
@@ -20,6 +20,7 @@ import math
 import os
 
 import torch
+from torch import nn
 
 from resnet import ResNet, build_model
 
@@ -76,7 +77,7 @@ def from_port_checkpoint(ckpt: dict, path: str = "checkpoint") -> dict:
         model[k.replace("linear.", "fc.", 1) if k.startswith("linear.") else k] = v
     for k in [k for k in model if k.endswith(".running_var")]:
         model.setdefault(k.replace("running_var", "num_batches_tracked"), torch.tensor(0))
-    return {"format": 1, "arch": f"resnet{6 * blocks[0] + 2}", "model": model, "epoch": None,
+    return {"arch": f"resnet{6 * blocks[0] + 2}", "model": model, "epoch": None,
             "model_kwargs": {"num_classes": num_classes, "width": width}, "normalization": PORT_NORMALIZATION,
             "source": "akamaster/pytorch_resnet_cifar10"}
 
@@ -87,14 +88,18 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
         model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
+    load_weights(model, ckpt, path)
+    if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
+        model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
+    return model
+
+
+def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint") -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
         raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or width?)") \
             from None
-    if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
-        model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
-    return model
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
@@ -103,13 +108,22 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
     return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
 
 
-def finished(path: str) -> bool:
-    """Whether the train.py checkpoint at path (a file, or a run directory's last.pt) has done all its epochs."""
+def progress(path: str) -> tuple[int, int] | None:
+    """(epochs done, epochs planned) of the train.py run at path (a run directory or its last.pt); None when it
+    has no checkpoint yet."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
-        return False
+        return None
     ckpt = read_checkpoint(path)
-    return "config" in ckpt and ckpt["epoch"] >= ckpt["config"]["epochs"]
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} holds trained weights, not a train.py run")
+    return ckpt["epoch"], ckpt["config"]["epochs"]
+
+
+def finished(path: str) -> bool:
+    """Whether the train.py run at path (a run directory or its last.pt) has done all its epochs."""
+    done = progress(path)
+    return done is not None and done[0] >= done[1]
 
 
 def to_cpu(state):
@@ -174,7 +188,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def run_info(cfg: Config, device: torch.device, world: int) -> dict:
+def run_info(cfg, device: torch.device, world: int) -> dict:
     """What config.json records: the config, library versions, device, world size and git commit."""
     import subprocess
 
@@ -188,3 +202,22 @@ def run_info(cfg: Config, device: torch.device, world: int) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}
+
+
+def start_files(out: str, info: dict, resumed: dict | None, epochs_done: int) -> None:
+    """Before the first epoch (rank 0 only): a new run's config.json; for a resumed run whose --epochs was raised,
+    its new length in config.json; metrics.jsonl cut back to the epochs the checkpoint holds."""
+    path = os.path.join(out, "config.json")
+    if resumed is None:
+        _write_json(path, info)
+    elif info["config"]["epochs"] != resumed["config"]["epochs"] and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        saved["config"]["epochs"] = info["config"]["epochs"]
+        _write_json(path, saved)
+    truncate_metrics(os.path.join(out, "metrics.jsonl"), epochs_done)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -12,12 +12,12 @@ Writes to the run dir: config.json, metrics.jsonl (one line per epoch), last.pt 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,22 +27,13 @@ from tqdm import tqdm
 import distributed
 from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_script,
                     validate_runtime)
-from data import CIFAR10_MEAN, CIFAR10_STD, Cifar, DataError, Loader, load_cifar10, split_indices
+from data import Cifar, DataError, Loader, load_cifar10, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from resnet import build_model
-from runs import (CheckpointError, append_metrics, format_row, model_from_checkpoint, read_checkpoint, read_metrics,
-                  run_info, save_atomic, to_cpu, truncate_metrics)
+from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint, read_checkpoint,
+                  read_metrics, run_info, save_atomic, start_files, to_cpu)
 
-
-SUMS = ("loss_sum", "correct", "count")  # an epoch's running training sums, kept on the device
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
-
-
-def new_totals(device: torch.device | str) -> dict:
-    """Zeroed running sums for train_one_epoch, plus its count of non-finite losses."""
-    totals = {k: torch.zeros((), device=device) for k in SUMS}
-    totals["nonfinite"] = torch.zeros((), device=device, dtype=torch.int32)
-    return totals
 
 
 class NonFiniteLoss(Exception):
@@ -65,60 +56,128 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
     return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
 
 
-def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
-                    epoch: int, totals: dict, start: int = 0, *, amp: bool = False, log_every: int = 20,
-                    bar: tqdm | None = None, stop_requested=lambda sync: False, checkpoint=None,
-                    save_every_steps: int = 0, distributed: bool = False) -> None:
-    """Run steps start..len(loader) of `epoch`, accumulating into totals (device tensors, no per-step sync).
+# ----------------------------------------------------------------------------------------------- one epoch
 
-    Raises NonFiniteLoss (checked every log_every steps and at the end) or Interrupted (after a checkpoint).
-    """
-    model.train()
-    last_checked = start
-    device_type = loader.device.type
 
-    def check(step: int) -> None:  # the only host syncs of the loop
-        nonlocal last_checked
-        bad = totals["nonfinite"].clone()
-        if distributed:
+class EpochSums:
+    """An epoch's running training sums and its count of non-finite losses, kept on the device: adding to them
+    never waits for the GPU. A mid-epoch checkpoint saves the sums (as `partial`) so a resumed epoch logs the same
+    training loss and accuracy as an unbroken one."""
+
+    NAMES = ("loss_sum", "correct", "count")
+
+    def __init__(self, device: torch.device | str):
+        self.loss_sum, self.correct, self.count = (torch.zeros((), device=device) for _ in self.NAMES)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int32)
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.count += len(y)
+        self.nonfinite += (~torch.isfinite(loss)).int()
+
+    def zero_(self) -> None:
+        for t in (self.loss_sum, self.correct, self.count, self.nonfinite):
+            t.zero_()
+
+    def load(self, partial: dict) -> None:
+        for name in self.NAMES:
+            getattr(self, name).copy_(partial[name])
+
+    def reduced(self, world: int) -> dict[str, torch.Tensor]:
+        """The sums over every rank, as CPU tensors (under DDP a collective: every rank calls it)."""
+        sums = torch.stack([getattr(self, name) for name in self.NAMES])
+        if world > 1:
+            dist.all_reduce(sums)
+        return {name: v.clone() for name, v in zip(self.NAMES, sums.cpu())}
+
+    def check_finite(self, world: int, where: str) -> None:
+        bad = self.nonfinite.clone()
+        if world > 1:
             dist.all_reduce(bad)
         if bad.item() > 0:
-            raise NonFiniteLoss(f"loss became non-finite in epoch {epoch + 1}, steps {last_checked + 1}-{step}")
-        last_checked = step
-        if bar is not None:
-            n = totals["count"].item()
-            bar.set_postfix(loss=f"{totals['loss_sum'].item() / n:.3f}", acc=f"{totals['correct'].item() / n:.3f}",
-                            refresh=False)
+            raise NonFiniteLoss(f"loss became non-finite in {where}")
 
+
+def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
+                    sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
+                    after_step: Callable[[int], None] = lambda step: None) -> None:
+    """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs after
+    each step: train.py's checks, progress, checkpoints and stops (StepPolicy)."""
+    model.train()
     for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # step: 1-based within the epoch
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)  # (b, num_classes)
         loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            totals["loss_sum"] += loss.detach() * len(y)
-            totals["correct"] += (logits.argmax(1) == y).sum()
-            totals["count"] += len(y)
-            totals["nonfinite"] += (~torch.isfinite(loss)).int()
-        if bar is not None:
-            bar.update(1)
-        sync = step % log_every == 0 or step == len(loader)
-        stop = stop_requested(sync)
-        if sync or stop or (save_every_steps and step % save_every_steps == 0):
-            check(step)
+        sums.add(loss, logits, y)
+        after_step(step)
+
+
+class StopSignal:
+    """Inside `with`, SIGINT and SIGTERM are recorded instead of killing the run; the loop stops at the next safe
+    point, after a checkpoint. Under DDP the ranks agree at common sync points: a signal to one stops them all."""
+
+    def __init__(self, device: torch.device, world: int):
+        self.device, self.world = device, world
+        self.received = None  # written only by the handler: a signal landing mid-agreement is never lost
+        self.signum = None  # the signal the run stops for (under DDP: agreed by every rank)
+
+    def __enter__(self) -> StopSignal:
+        self._previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def requested(self, at_sync_point: bool) -> bool:
+        if self.world == 1:
+            self.signum = self.received
+        elif at_sync_point:  # no extra collective per step
+            self.signum = shared_signal(self.received, self.device, self.world)
+        return self.signum is not None
+
+
+class StepPolicy:
+    """train.py's after_step: every --log-every steps and at the epoch's end the non-finite check (a host sync)
+    and the progress bar; every --save-every-steps steps a mid-epoch checkpoint; on a signal, a checkpoint and
+    Interrupted. save(epoch, step) is called at the same step on every rank."""
+
+    def __init__(self, cfg: Config, sums: EpochSums, stop: StopSignal, save: Callable[[int, int], None], world: int):
+        self.cfg, self.sums, self.stop, self.save, self.world = cfg, sums, stop, save, world
+
+    def start_epoch(self, epoch: int, start: int, steps: int, bar: tqdm) -> None:
+        self.epoch, self.checked, self.steps, self.bar = epoch, start, steps, bar
+
+    def __call__(self, step: int) -> None:
+        self.bar.update(1)
+        sync_point = step % self.cfg.log_every == 0 or step == self.steps
+        save = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
+        stop = self.stop.requested(sync_point)
+        if sync_point or stop or save:
+            self.sums.check_finite(self.world, f"epoch {self.epoch + 1}, steps {self.checked + 1}-{step}")
+            self.checked = step
+            if not self.bar.disable:
+                n = self.sums.count.item()
+                self.bar.set_postfix(loss=f"{self.sums.loss_sum.item() / n:.3f}",
+                                     acc=f"{self.sums.correct.item() / n:.3f}", refresh=False)
         if stop:
-            checkpoint(epoch, step)
+            self.save(self.epoch, step)
             raise Interrupted
-        if save_every_steps and step % save_every_steps == 0 and step < len(loader):
-            checkpoint(epoch, step)
+        if save and step < self.steps:
+            self.save(self.epoch, step)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bool = False, tta: bool = False) \
-        -> dict:
+def evaluate(model: nn.Module, loader: Loader, num_classes: int, world: int = 1, tta: bool = False) -> dict:
     """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced.
 
     Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint gives.
@@ -141,7 +200,7 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bo
         total += onehot.sum(0)
         correct += (onehot * (logits.argmax(1) == y).unsqueeze(1)).sum(0)
     stats = torch.cat([loss_sum.view(1), correct_tta.view(1), correct, total])
-    if distributed:
+    if world > 1:
         dist.all_reduce(stats)
     loss_sum, correct_tta = stats[0].item(), stats[1].item()
     correct, total = stats[2:2 + num_classes], stats[2 + num_classes:]
@@ -153,22 +212,73 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, distributed: bo
     return out
 
 
-# ----------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------- the run's state
 
 
-def eval_only(cfg: Config, device: torch.device) -> dict:
-    ckpt = read_checkpoint(cfg.resume_path())
-    model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
-    data = load_cifar10(cfg.data_dir)
-    loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, **model.normalization)
-    res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
-    tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
-    origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")
-    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, {origin})")
-    for name, acc in zip(data.classes, res["per_class"]):
-        print(f"  {name:<12} {100 * acc:6.2f}%")
-    return {"test_loss": res["loss"], "test_acc": res["acc"], "test_acc_tta": res.get("acc_tta"),
-            "per_class": dict(zip(data.classes, res["per_class"]))}
+@dataclass
+class TrainState:
+    """What a checkpoint saves and --resume restores."""
+    cfg: Config
+    classes: list[str]
+    model: nn.Module  # unwrapped (no DDP, no compile): the module saved and evaluated
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sums: EpochSums
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done in the epoch after them
+    best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
+
+
+def new_state(cfg: Config, classes: list[str], steps_per_epoch: int, device: torch.device) -> TrainState:
+    model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
+    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device))
+
+
+def model_kwargs(cfg: Config, num_classes: int) -> dict:
+    return {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}
+
+
+def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | None = None) -> dict:
+    """The checkpoint format runs.py documents. CPU tensors: one written on a GPU loads anywhere."""
+    cfg = state.cfg
+    return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
+            "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
+            "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
+            "partial": partial or {name: torch.zeros(()) for name in EpochSums.NAMES},
+            "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
+            "normalization": state.model.normalization,  # the mean/std the net was fed
+            "rng": {"torch": torch.get_rng_state()}}
+
+
+def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
+    load_weights(state.model, ckpt, path)
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
+    if rank == 0:  # the saved partial sums are already global: one rank carries them on
+        state.sums.load(ckpt["partial"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+
+
+def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: int) -> None:
+    """last.pt inside an epoch, with the epoch's sums so far; every rank calls it at the same step."""
+    partial = state.sums.reduced(world)
+    if rank == 0:
+        save_atomic(make_checkpoint(state, epoch, step, partial), os.path.join(state.cfg.out, "last.pt"))
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+class Loaders(NamedTuple):
+    train: Loader
+    test: Loader
+    val: Loader | None  # with --val-split only
 
 
 def load_data(data_dir: str, local: int, world: int) -> Cifar:
@@ -180,6 +290,29 @@ def load_data(data_dir: str, local: int, world: int) -> Cifar:
         data, err = attempt(lambda: load_cifar10(data_dir), DataError)
     agree(err, world)
     return data
+
+
+def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, world: int) -> Loaders:
+    train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
+    kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world)
+    return Loaders(
+        train=Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True, seed=cfg.seed, **kw),
+        test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw),
+        val=Loader(data.train_x[val_idx], data.train_y[val_idx], EVAL_BATCH, train=False, **kw) if cfg.val_split
+        else None)
+
+
+def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local: int) -> nn.Module:
+    """The module the steps run: sync-BN (in place: `model` shares every parameter and buffer), DDP, compile."""
+    if cfg.sync_bn:
+        model = convert_sync_batchnorm(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward.
+        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None,
+                                        broadcast_buffers=not cfg.sync_bn)
+    return torch.compile(model) if cfg.compile else model
 
 
 def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Config, dict | None]:
@@ -207,180 +340,133 @@ def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Co
     return result
 
 
+# ----------------------------------------------------------------------------------------------- main
+
+
 def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = frozenset()) -> dict:
-    """explicit: the flags the user typed (a resumed run compares them with its own)."""
+    """The whole run: device, run directory (or resume), data, model, then the epoch loop.
+    explicit: the flags the user typed (a resumed run compares them with its own)."""
     device = resolve_device(cfg.device, local)
     if cfg.eval_only:
         return eval_only(cfg, device)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
     validate_runtime(cfg, device, world)
     configure_backends(device, cfg.deterministic)
-    out = cfg.out
-    main_proc = rank == 0
     torch.manual_seed(cfg.seed)
 
     data = load_data(cfg.data_dir, local, world)
     cfg.check_data(len(data.train_x), world)
-    train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
-    num_classes = len(data.classes)
-    loader_kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world)
-    train_loader = Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True,
-                          seed=cfg.seed, **loader_kw)
-    test_loader = Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **loader_kw)
-    val_loader = Loader(data.train_x[val_idx], data.train_y[val_idx], EVAL_BATCH, train=False, **loader_kw) \
-        if cfg.val_split else None
-
-    model_kwargs = {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}
-    model = build_model(cfg.arch, **model_kwargs).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    spe = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spe, cfg))
-    start_epoch, start_step, best_val = 0, 0, -1.0
-    totals = new_totals(device)
+    loaders = make_loaders(cfg, data, device, rank, world)
+    state = new_state(cfg, data.classes, len(loaders.train), device)
     if ckpt is not None:
-        model.load_state_dict(model_from_checkpoint(ckpt, cfg.resume_path()).state_dict())
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_step, best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
-        if rank == 0:  # the saved partial sums are already global: one rank carries them on
-            for k, v in ckpt["partial"].items():
-                totals[k] = v.to(device)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    train_model = model
-    if cfg.sync_bn:  # in place: `model` (saved, evaluated) shares every parameter and buffer
-        train_model = convert_sync_batchnorm(train_model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+        restore(state, ckpt, cfg.resume_path(), rank)
+    train_model = wrap_for_training(state.model, cfg, device, world, local)
+    if rank == 0:
+        start_files(cfg.out, run_info(cfg, device, world), ckpt, state.epoch)
 
-        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward.
-        train_model = DistributedDataParallel(train_model, device_ids=[local] if device.type == "cuda" else None,
-                                              broadcast_buffers=not cfg.sync_bn)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    amp = cfg.amp and device.type == "cuda"
-
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    last_path = os.path.join(out, "last.pt")
-    if main_proc:
-        if ckpt is None:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(run_info(cfg, device, world), f, indent=2)
-        elif cfg.epochs != ckpt["config"]["epochs"] and os.path.exists(os.path.join(out, "config.json")):
-            with open(os.path.join(out, "config.json")) as f:  # --epochs extended on resume: the run's new length
-                info = json.load(f)
-            info["config"]["epochs"] = cfg.epochs
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(info, f, indent=2)
-        truncate_metrics(metrics_path, start_epoch)
-
-    def make_checkpoint(epoch_done: int, step: int, partial: dict | None = None) -> dict:
-        # CPU tensors: a checkpoint written on a GPU loads with torch.load(path, weights_only=True) anywhere.
-        return {"format": 1, "arch": cfg.arch, "model_kwargs": model_kwargs, "model": to_cpu(model.state_dict()),
-                "optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-                "step": step, "partial": partial or {k: torch.zeros(()) for k in SUMS},
-                "best_val_acc": best_val, "classes": data.classes, "config": asdict(cfg),
-                "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},  # what the net was fed
-                "rng": {"torch": torch.get_rng_state()}}
-
-    def save_mid_epoch(epoch: int, step: int) -> None:  # called at the same step on every rank
-        partial = {k: totals[k].detach().clone() for k in SUMS}
-        if world > 1:
-            for v in partial.values():
-                dist.all_reduce(v)
-        if main_proc:
-            save_atomic(make_checkpoint(epoch, step, {k: v.cpu() for k, v in partial.items()}), last_path)
-
-    signals = {"sig": None}
-
-    def on_signal(signum, frame):
-        signals["sig"] = signum
-
-    def stop_requested(sync: bool) -> bool:
-        if world == 1:
-            return signals["sig"] is not None
-        if not sync:  # ranks agree on stopping only at common sync points: no extra collective per step
-            return False
-        signals["sig"] = shared_signal(signals["sig"], device, world)  # a signal to one rank stops them all
-        return signals["sig"] is not None
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t_start = time.time()
+    with StopSignal(device, world) as stop:
+        try:
+            row = train_epochs(state, train_model, loaders, stop, rank, world)
+        except Interrupted:
+            who = "" if world == 1 else f" (rank {rank})"
+            print(f"train.py: stopped by {signal.Signals(stop.signum).name}{who}; checkpoint saved, resume with: "
+                  f"python train.py --resume {cfg.out}", file=sys.stderr)
+            raise SystemExit(128 + stop.signum)
+        except NonFiniteLoss as e:
+            last = os.path.join(cfg.out, "last.pt")
+            saved = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "nothing saved"
+            raise UserError(f"{e}; {saved}; try a lower --lr (now {cfg.lr})", code=1) from None
+    return summarize(cfg, row, state.best_val, time.time() - t_start, rank)
+
+
+def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, stop: StopSignal, rank: int,
+                 world: int) -> dict:
+    """The epoch loop from where the state stands: train, evaluate, checkpoint, log. Returns the last row ({} when
+    the run had no epoch left)."""
+    cfg, sums, out = state.cfg, state.sums, state.cfg.out
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    amp = cfg.amp and loaders.train.device.type == "cuda"
+    policy = StepPolicy(cfg, sums, stop, lambda e, s: save_mid_epoch(state, e, s, rank, world), world)
     row = {}
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if start_step == 0:
-                for v in totals.values():
-                    v.zero_()
-            totals["nonfinite"].zero_()
-            t0 = time.time()
-            count0 = totals["count"].item()
-            bar = tqdm(total=spe, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (main_proc and cfg.progress), dynamic_ncols=True)
-            try:
-                train_one_epoch(train_model, train_loader, optimizer, scheduler, criterion, epoch, totals,
-                                start_step, amp=amp, log_every=cfg.log_every, bar=bar,
-                                stop_requested=stop_requested, checkpoint=save_mid_epoch,
-                                save_every_steps=cfg.save_every_steps, distributed=world > 1)
-            finally:
-                bar.close()
-            start_step = 0
-            stats = torch.stack([totals["loss_sum"], totals["correct"], totals["count"]])
-            if world > 1:
-                dist.all_reduce(stats)
-            train_time = time.time() - t0
-            broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics, which last.pt saves
-            test = evaluate(model, test_loader, num_classes, world > 1, cfg.tta)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": stats[0].item() / stats[2].item(), "train_acc": stats[1].item() / stats[2].item(),
-                   "test_loss": test["loss"], "test_acc": test["acc"]}
-            if cfg.tta:
-                row["test_acc_tta"] = test["acc_tta"]
-            if val_loader is not None:
-                val = evaluate(model, val_loader, num_classes, world > 1)
-                row.update(val_loss=val["loss"], val_acc=val["acc"])
-            row.update(epoch_time_s=round(time.time() - t0, 3),
-                       images_per_s=round((totals["count"].item() - count0) * world / train_time, 1))
-            if main_proc:
-                save_atomic(make_checkpoint(epoch + 1, 0), last_path)
-                if val_loader is not None and row["val_acc"] > best_val:
-                    best_val = row["val_acc"]
-                    save_atomic(make_checkpoint(epoch + 1, 0), os.path.join(out, "best.pt"))
-                append_metrics(metrics_path, row)
-                tqdm.write(format_row(row))
-            if stop_requested(True):  # a signal during evaluation: last.pt above already holds this epoch
-                raise Interrupted
-    except Interrupted:
-        name = signal.Signals(signals["sig"]).name
-        who = "" if world == 1 else f" (rank {rank})"
-        print(f"train.py: stopped by {name}{who}; checkpoint saved, resume with: python train.py --resume {out}",
-              file=sys.stderr)
-        raise SystemExit(128 + signals["sig"])
-    except NonFiniteLoss as e:
-        kept = f"the last good checkpoint {last_path} is intact" if os.path.exists(last_path) else "nothing saved"
-        raise UserError(f"{e}; {kept}; try a lower --lr (now {cfg.lr})", code=1) from None
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    wall = time.time() - t_start
-    if not row and main_proc:  # resumed a finished run: report its logged result, train nothing
-        row = (read_metrics(out) or [{}])[-1]
-        print(f"train.py: {out} already finished its {cfg.epochs} epochs; nothing to do", file=sys.stderr)
-    summary = {"out": out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.step == 0:
+            sums.zero_()
+        sums.nonfinite.zero_()
+        t0, count0 = time.time(), sums.count.item()
+        with tqdm(total=len(loaders.train), initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                  disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
+            policy.start_epoch(epoch, state.step, len(loaders.train), bar)
+            train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums, epoch,
+                            state.step, amp=amp, after_step=policy)
+        state.epoch, state.step = epoch + 1, 0
+        train_seconds, images = time.time() - t0, (sums.count.item() - count0) * world
+        row = epoch_row(state, loaders, world)
+        row.update(epoch_time_s=round(time.time() - t0, 3), images_per_s=round(images / train_seconds, 1))
+        if rank == 0:
+            save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "last.pt"))
+            if loaders.val is not None and row["val_acc"] > state.best_val:
+                state.best_val = row["val_acc"]
+                save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "best.pt"))
+            append_metrics(os.path.join(out, "metrics.jsonl"), row)
+            tqdm.write(format_row(row))
+        if stop.requested(True):  # a signal during evaluation: last.pt above already holds this epoch
+            raise Interrupted
+    return row
+
+
+def epoch_row(state: TrainState, loaders: Loaders, world: int) -> dict:
+    """The metrics of the epoch just trained: its training sums over every rank, then the test (and validation)
+    evaluation."""
+    sums = state.sums.reduced(world)
+    broadcast_buffers(state.model, world)  # every rank evaluates with rank 0's BN statistics, which last.pt saves
+    test = evaluate(state.model, loaders.test, len(state.classes), world, state.cfg.tta)
+    n = sums["count"].item()
+    row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
+           "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n,
+           "test_loss": test["loss"], "test_acc": test["acc"]}
+    if state.cfg.tta:
+        row["test_acc_tta"] = test["acc_tta"]
+    if loaders.val is not None:
+        val = evaluate(state.model, loaders.val, len(state.classes), world)
+        row.update(val_loss=val["loss"], val_acc=val["acc"])
+    return row
+
+
+def summarize(cfg: Config, row: dict, best_val: float, wall: float, rank: int) -> dict:
+    """The run's result (what main returns); rank 0 also draws curves.png and prints the final line."""
+    if not row and rank == 0:  # resumed a finished run: report its logged result, train nothing
+        row = (read_metrics(cfg.out) or [{}])[-1]
+        print(f"train.py: {cfg.out} already finished its {cfg.epochs} epochs; nothing to do", file=sys.stderr)
+    summary = {"out": cfg.out, "epochs": cfg.epochs, "final_test_acc": row.get("test_acc"),
                "final_test_acc_tta": row.get("test_acc_tta"),
                "final_test_loss": row.get("test_loss"), "final_train_loss": row.get("train_loss"),
                "best_val_acc": best_val if cfg.val_split else None, "wall_time_s": round(wall, 1)}
-    if main_proc and row:
+    if rank == 0 and row:
         from plot_curves import plot_runs
 
-        plot_runs([out], os.path.join(out, "curves.png"), title=f"{cfg.arch} (width {cfg.width}) on {cfg.data_dir}")
+        plot_runs([cfg.out], os.path.join(cfg.out, "curves.png"),
+                  title=f"{cfg.arch} (width {cfg.width}) on {cfg.data_dir}")
         tta = f" ({100 * row['test_acc_tta']:.2f}% with flip TTA)" if "test_acc_tta" in row else ""
         print(f"final test accuracy {100 * row['test_acc']:.2f}%{tta} after {cfg.epochs} epochs, "
-              f"wall time {wall / 60:.1f} min; run dir {out}")
+              f"wall time {wall / 60:.1f} min; run dir {cfg.out}")
     return summary
+
+
+def eval_only(cfg: Config, device: torch.device) -> dict:
+    """--eval-only: the --resume checkpoint (ours or the port's) on the test set, with per-class accuracy."""
+    ckpt = read_checkpoint(cfg.resume_path())
+    model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
+    data = load_cifar10(cfg.data_dir)
+    loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, **model.normalization)
+    res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
+    tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
+    origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")
+    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, {origin})")
+    for name, acc in zip(data.classes, res["per_class"]):
+        print(f"  {name:<12} {100 * acc:6.2f}%")
+    return {"test_loss": res["loss"], "test_acc": res["acc"], "test_acc_tta": res.get("acc_tta"),
+            "per_class": dict(zip(data.classes, res["per_class"]))}
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -388,12 +474,18 @@ def run(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
     rank, world, local = distributed.setup(cfg.device)
     try:
-        result = train(cfg, rank, world, local, explicit_flags(argv))
-        if world > 1:  # rank 0 still plots and logs: no rank closes its connections before all are done
-            dist.barrier()
-        return result
-    finally:
-        distributed.teardown(world)
+        result, stop = train(cfg, rank, world, local, explicit_flags(argv)), None
+    except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: all ranks agreed
+        result, stop = None, e
+    except BaseException:
+        distributed.teardown(world, together=False)
+        raise
+    if world > 1 and isinstance(stop, SystemExit):  # a signal under torchrun: everything is saved
+        distributed.exit_together(world, stop.code)
+    distributed.teardown(world, together=True)
+    if stop is not None:
+        raise stop
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:

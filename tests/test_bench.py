@@ -14,7 +14,7 @@ import bench
 import classic
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
-from train import new_totals, train_one_epoch
+from train import EpochSums, train_one_epoch
 
 
 def test_flop_count_resnet18_width16():
@@ -66,10 +66,10 @@ def test_lean_loop_step_equals_reference_step():
 
     opt = classic.sgd(ours)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    totals = new_totals("cpu")
+    sums = EpochSums("cpu")
     loader = Loader(x, y, 16, "cpu", train=True, channels_last=True, crop_flip=False)
-    train_one_epoch(ours, loader, opt, sched, crit, 0, totals)
-    our_loss = (totals["loss_sum"] / totals["count"]).item()
+    train_one_epoch(ours, loader, opt, sched, crit, sums, 0)
+    our_loss = (sums.loss_sum / sums.count).item()
 
     # the classic path: PIL image -> ToTensor -> Normalize, per sample
     xb = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(img.permute(1, 2, 0).numpy())), CIFAR10_MEAN,

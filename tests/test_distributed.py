@@ -101,7 +101,7 @@ def test_sigterm_to_one_rank_stops_both_cleanly(tiny_folder, tmp_path):
     for r in (0, 1):  # each rank its own line (two writes at once may share a line of the merged stream)
         assert err.count(f"train.py: stopped by SIGTERM (rank {r}); checkpoint saved, resume with: "
                          f"python train.py --resume {out}") == 1, err[-3000:]
-    assert "exitcode  : 143" in err  # each rank exited 128 + SIGTERM
+    assert "exitcode  : 143" in err, err  # each rank exited 128 + SIGTERM
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
 
 
