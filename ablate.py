@@ -224,7 +224,8 @@ def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path
     """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom).
 
     nets: (label, model) pairs; each model sees the test images under its own normalisation (model.normalize).
-    Colour by depth; plain nets dashed, residual solid.
+    Colour by depth; plain nets dashed, residual solid. Beside the figure, <path>.csv: each net's median and mean
+    std over its layers.
     """
     from matplotlib.figure import Figure
 
@@ -232,8 +233,11 @@ def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path
     top, bottom = fig.subplots(2, 1)
     blocks = [[m for m in model.modules() if isinstance(m, BasicBlock)] for _, model in nets]
     depths = sorted({len(b) for b in blocks})
+    summary = []
     for (label, model), bl in zip(nets, blocks):
         stds = layer_responses(model, model.normalize(images))
+        summary.append({"net": label, "layers": len(stds), "median_std": round(statistics.median(stds), 4),
+                        "mean_std": round(statistics.fmean(stds), 4)})
         c, style = f"C{depths.index(len(bl)) % 10}", "--" if bl[0].is_plain else "-"
         top.plot(range(1, len(stds) + 1), stds, style, color=c, label=label)
         bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=label)
@@ -244,6 +248,10 @@ def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=120)
+    with open(os.path.splitext(path)[0] + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
     return path
 
 
