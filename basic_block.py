@@ -74,8 +74,6 @@ def make_shortcut(kind: str, in_channels: int, out_channels: int, stride: int) -
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with BN, plus a shortcut: relu(F(x) + shortcut(x)), or relu(F(x)) when plain."""
 
-    expansion = 1
-
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)

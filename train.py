@@ -281,10 +281,10 @@ class Loaders(NamedTuple):
     val: Loader | None  # with --val-split only
 
 
-def load_data(data_dir: str, local: int, world: int) -> Cifar:
+def load_data(data_dir: str, local_rank: int, world: int) -> Cifar:
     """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then read the
     cache. No two processes download into, or decode into, the same directory at once."""
-    data, err = attempt(lambda: load_cifar10(data_dir), DataError) if local == 0 else (None, None)
+    data, err = attempt(lambda: load_cifar10(data_dir), DataError) if local_rank == 0 else (None, None)
     agree(err, world)
     if data is None:
         data, err = attempt(lambda: load_cifar10(data_dir), DataError)
@@ -302,7 +302,7 @@ def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, worl
         else None)
 
 
-def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local: int) -> nn.Module:
+def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local_rank: int) -> nn.Module:
     """The module the steps run: sync-BN (in place: `model` shares every parameter and buffer), DDP, compile."""
     if cfg.sync_bn:
         model = convert_sync_batchnorm(model)
@@ -310,7 +310,7 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
         from torch.nn.parallel import DistributedDataParallel
 
         # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward.
-        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None,
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                         broadcast_buffers=not cfg.sync_bn)
     return torch.compile(model) if cfg.compile else model
 
@@ -343,10 +343,10 @@ def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Co
 # ----------------------------------------------------------------------------------------------- main
 
 
-def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = frozenset()) -> dict:
+def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str] = frozenset()) -> dict:
     """The whole run: device, run directory (or resume), data, model, then the epoch loop.
     explicit: the flags the user typed (a resumed run compares them with its own)."""
-    device = resolve_device(cfg.device, local)
+    device = resolve_device(cfg.device, local_rank)
     if cfg.eval_only:
         return eval_only(cfg, device)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
@@ -354,13 +354,13 @@ def train(cfg: Config, rank: int, world: int, local: int, explicit: set[str] = f
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
 
-    data = load_data(cfg.data_dir, local, world)
+    data = load_data(cfg.data_dir, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
     state = new_state(cfg, data.classes, len(loaders.train), device)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
-    train_model = wrap_for_training(state.model, cfg, device, world, local)
+    train_model = wrap_for_training(state.model, cfg, device, world, local_rank)
     if rank == 0:
         start_files(cfg.out, run_info(cfg, device, world), ckpt, state.epoch)
 
@@ -472,9 +472,9 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    rank, world, local = distributed.setup(cfg.device)
+    rank, world, local_rank = distributed.setup(cfg.device)
     try:
-        result, stop = train(cfg, rank, world, local, explicit_flags(argv)), None
+        result, stop = train(cfg, rank, world, local_rank, explicit_flags(argv)), None
     except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: all ranks agreed
         result, stop = None, e
     except BaseException:
