@@ -26,6 +26,7 @@ import torch.nn.functional as F
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the 50,000 training images' pixels
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel standard deviation (not the oft-copied 0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CACHE_NAME = "cifar10-uint8-cache.pt"
 PAD = 4  # random crops are taken from the image zero-padded by PAD pixels on each side
 

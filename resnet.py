@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from basic_block import SHORTCUTS, BasicBlock
-from data import CIFAR10_MEAN, CIFAR10_STD, normalize
+from data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, normalize
 
 
 class ResNet(nn.Module):
@@ -60,8 +60,10 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_channels, num_classes)
         self._init_weights(zero_init_residual)
-        # The input statistics this net is trained on (train.py's); load_model sets a checkpoint's own.
+        # The input statistics this net is trained on (train.py's) and its class names; load_model sets a
+        # checkpoint's own.
         self.normalization = {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+        self.classes = list(CIFAR10_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]
 
     @staticmethod
     def _make_layer(in_channels: int, out_channels: int, n: int, stride: int, shortcut: str) -> nn.Sequential:
@@ -85,6 +87,22 @@ class ResNet(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images (uint8 0-255, or floats in [0, 1]; (B, 3, H, W)) -> the input this net expects."""
         return normalize(images, mean=self.normalization["mean"], std=self.normalization["std"])
+
+    @torch.no_grad()
+    def predict(self, images) -> torch.Tensor:
+        """Class indices for raw images: uint8 (B, 3, H, W) or one (3, H, W), a tensor or a numpy array, as read
+        from files; model.classes[i] names them. Evaluates in eval mode, on the model's device."""
+        x = torch.as_tensor(images)
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"predict takes images of shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self(self.normalize(x.to(self.fc.weight.device))).argmax(1)  # (B,)
+        finally:
+            self.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32), normalised
         x = torch.relu(self.bn1(self.conv1(x)))  # (B, w, 32, 32)

@@ -30,13 +30,19 @@ class CheckpointError(Exception):
 
 
 PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as that port uses
+KUANGLIU_NORMALIZATION = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}  # its main.py's
+# Published checkpoint formats: the key holding the state dict -> (where it comes from, the mean/std it was fed)
+PEER_FORMATS = {"state_dict": ("akamaster/pytorch_resnet_cifar10", PORT_NORMALIZATION),
+                "net": ("kuangliu/pytorch-cifar", KUANGLIU_NORMALIZATION)}
+PEER_ARCHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34",
+              **{(n, n, n): f"resnet{6 * n + 2}" for n in (3, 5, 7, 9, 18)}}
 
 
 def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """torch.load with weights_only=True (pickled code never runs); every failure becomes one clear line.
 
-    Reads train.py's checkpoints and the published nets of akamaster/pytorch_resnet_cifar10 (converted on the fly,
-    see from_port_checkpoint).
+    Reads train.py's checkpoints and the published nets of akamaster/pytorch_resnet_cifar10 and
+    kuangliu/pytorch-cifar (converted on the fly, see from_peer_checkpoint).
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -48,38 +54,45 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
             else "unreadable (truncated or corrupt)"
         raise CheckpointError(f"checkpoint {path} is {kind}") from None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and "model" not in ckpt:
-        return from_port_checkpoint(ckpt, path)
+    if isinstance(ckpt, dict) and "model" not in ckpt:
+        peer = next((key for key in PEER_FORMATS if isinstance(ckpt.get(key), dict)), None)
+        if peer is not None:
+            return from_peer_checkpoint(ckpt, peer, path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(f"{path} is neither a train.py checkpoint (no 'model'/'arch' entries) nor a "
-                              "pytorch_resnet_cifar10 one (no 'state_dict')")
+                              "pytorch_resnet_cifar10 ('state_dict') or pytorch-cifar ('net') one")
     return ckpt
 
 
-def from_port_checkpoint(ckpt: dict, path: str = "checkpoint") -> dict:
-    """akamaster/pytorch_resnet_cifar10's {"state_dict": ...} as one of our checkpoints (weights only).
+def from_peer_checkpoint(ckpt: dict, key: str, path: str = "checkpoint") -> dict:
+    """A published net as one of our checkpoints (weights only): akamaster/pytorch_resnet_cifar10's
+    {"state_dict": ...} (resnet20-110) or kuangliu/pytorch-cifar's {"net": ..., "acc", "epoch"} (ResNet18/34).
 
-    Its names are ours under other words: module.layer{k}.{i}. -> stages.{k-1}.{i}., linear -> fc; it saves no
-    num_batches_tracked. The depth comes from the blocks in its stages; its nets were trained on ImageNet's mean/std.
+    Their names are ours under other words: [module.]layer{k}.{i}. -> stages.{k-1}.{i}., linear -> fc; the
+    architecture comes from the blocks in each stage, the width from the stem. akamaster saves no
+    num_batches_tracked. Each was trained on its own mean/std (PEER_FORMATS).
     """
-    sd = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    source, normalization = PEER_FORMATS[key]
+    sd = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
     try:
-        blocks = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3)]
+        stages = sorted({int(k.split(".")[0][5:]) for k in sd if k.startswith("layer")})
+        blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in stages)
         width, num_classes = sd["conv1.weight"].shape[0], sd["linear.weight"].shape[0]
-    except (KeyError, AttributeError, IndexError):
-        raise CheckpointError(f"{path}: a 'state_dict' checkpoint, but not a pytorch_resnet_cifar10 ResNet") from None
-    if len(set(blocks)) != 1 or not blocks[0] or "layer4.0.conv1.weight" in sd:
-        raise CheckpointError(f"{path}: stages of {blocks} blocks are not a CIFAR ResNet (6n+2 layers)")
+    except (KeyError, AttributeError, IndexError, ValueError):
+        raise CheckpointError(f"{path}: a '{key}' checkpoint, but not a {source.split('/')[1]} ResNet") from None
+    if blocks not in PEER_ARCHS or any(k.endswith("conv3.weight") for k in sd):
+        raise CheckpointError(f"{path}: stages of {list(blocks)} blocks are not a net of ours (BasicBlock ResNet-18/34, "
+                              "or a CIFAR ResNet of 6n+2 layers)")
     model = {}
     for k, v in sd.items():
         if k.startswith("layer"):
-            k = f"stages.{int(k[5]) - 1}{k[6:]}"
+            stage, rest = k.split(".", 1)
+            k = f"stages.{int(stage[5:]) - 1}.{rest}"
         model[k.replace("linear.", "fc.", 1) if k.startswith("linear.") else k] = v
     for k in [k for k in model if k.endswith(".running_var")]:
         model.setdefault(k.replace("running_var", "num_batches_tracked"), torch.tensor(0))
-    return {"arch": f"resnet{6 * blocks[0] + 2}", "model": model, "epoch": None,
-            "model_kwargs": {"num_classes": num_classes, "width": width}, "normalization": PORT_NORMALIZATION,
-            "source": "akamaster/pytorch_resnet_cifar10"}
+    return {"arch": PEER_ARCHS[blocks], "model": model, "epoch": None, "source": source,
+            "model_kwargs": {"num_classes": num_classes, "width": width}, "normalization": normalization}
 
 
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
@@ -91,6 +104,8 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
     load_weights(model, ckpt, path)
     if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
         model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
+    if "classes" in ckpt:  # the peers' nets: CIFAR-10's, in torchvision's order
+        model.classes = list(ckpt["classes"])
     return model
 
 
@@ -103,8 +118,9 @@ def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint") -> None
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt) or a pytorch_resnet_cifar10
-    one (resnet20-12fca82f.th, ...). Feed it model.normalize(images): the checkpoint's own mean/std."""
+    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt), a pytorch_resnet_cifar10 one
+    (resnet20-12fca82f.th, ...) or a pytorch-cifar one (ckpt.pth). model.predict(uint8_images) classifies raw
+    images; model.normalize(images) is the checkpoint's own mean/std, model.classes its class names."""
     return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
 
 

@@ -231,6 +231,7 @@ class TrainState:
 
 def new_state(cfg: Config, classes: list[str], steps_per_epoch: int, device: torch.device) -> TrainState:
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
+    model.classes = list(classes)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

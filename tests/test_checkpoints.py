@@ -174,3 +174,85 @@ def test_a_run_written_by_the_old_code_loads_and_resumes(tiny_folder, tmp_path):
         train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
         assert untimed(rows) == untimed(metrics(straight))
         assert_same_weights(weights(run), weights(straight))
+
+
+# ---- kuangliu/pytorch-cifar's checkpoints, and predicting from raw images
+
+
+class KuangliuBlock(nn.Module):
+    """An independent copy of that repository's BasicBlock (its models/resnet.py, read, not imported)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class KuangliuResNet18(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        planes, layers = 64, []
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(KuangliuBlock(planes, width, stride), KuangliuBlock(width, width, 1)))
+            planes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(F.avg_pool2d(out, 4), 1))
+
+
+def kuangliu_normalize(x_uint8: torch.Tensor) -> torch.Tensor:  # its main.py's transforms.Normalize
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255 - mean) / std
+
+
+def test_kuangliu_checkpoint_computes_the_same_function(tmp_path):
+    torch.manual_seed(0)
+    theirs = KuangliuResNet18()
+    for m in theirs.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    theirs.eval()
+    path = tmp_path / "ckpt.pth"  # its main.py under DataParallel: module. prefix
+    torch.save({"net": {f"module.{k}": v for k, v in theirs.state_dict().items()}, "acc": 95.1, "epoch": 199}, path)
+    model = load_model(str(path))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert model.normalization == {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = theirs(kuangliu_normalize(x))
+        assert torch.allclose(model(model.normalize(x)), expected, atol=1e-4)
+    assert torch.equal(model.predict(x), expected.argmax(1))
+
+
+def test_predict_classifies_raw_uint8_images_in_one_line(tiny_folder, tmp_path):
+    """load_model(path).predict(images): raw uint8 (tensor or numpy, batch or one image) -> class indices, the
+    same as the logged test accuracy counts; model.classes names them."""
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    data = load_cifar10(tiny_folder)
+    model = load_model(str(out / "last.pt"))
+    pred = model.predict(data.test_x)
+    assert pred.shape == (len(data.test_y),) and pred.dtype == torch.int64
+    assert (pred == data.test_y).float().mean().item() == pytest.approx(metrics(out)[-1]["test_acc"])
+    assert model.predict(data.test_x[3].numpy()).tolist() == [pred[3].item()]
+    assert model.classes == data.classes and not model.training
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.predict(data.test_x[:2].permute(0, 2, 3, 1))
