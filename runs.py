@@ -22,6 +22,7 @@ import os
 import torch
 from torch import nn
 
+from data import CIFAR10_MEAN, CIFAR10_STD
 from resnet import ResNet, build_model
 
 
@@ -30,6 +31,7 @@ class CheckpointError(Exception):
 
 
 PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as that port uses
+CIFAR10_NORMALIZATION = {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}  # ours, always (train.py)
 KUANGLIU_NORMALIZATION = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}  # its main.py's
 # Published checkpoint formats: the key holding the state dict -> (where it comes from, the mean/std it was fed)
 PEER_FORMATS = {"state_dict": ("akamaster/pytorch_resnet_cifar10", PORT_NORMALIZATION),
@@ -122,6 +124,21 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
     (resnet20-12fca82f.th, ...) or a pytorch-cifar one (ckpt.pth). model.predict(uint8_images) classifies raw
     images; model.normalize(images) is the checkpoint's own mean/std, model.classes its class names."""
     return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
+
+
+def export_weights(run_path: str, out: str) -> dict:
+    """The trained net of a train.py run (a run directory or a checkpoint) as a weights file: fp32 weights, arch,
+    classes and normalisation, no optimizer state; load_model and torch.hub read it, train.py --resume refuses it.
+    Returns what it wrote."""
+    path = os.path.join(run_path, "last.pt") if os.path.isdir(run_path) else run_path
+    ckpt = read_checkpoint(path)
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a train.py run")
+    weights = {"arch": ckpt["arch"], "model_kwargs": ckpt["model_kwargs"], "model": ckpt["model"],
+               "classes": ckpt["classes"], "normalization": ckpt.get("normalization", CIFAR10_NORMALIZATION),
+               "epoch": ckpt["epoch"], "source": f"{os.path.dirname(path) or '.'}, epoch {ckpt['epoch']}"}
+    save_atomic(weights, out)
+    return weights
 
 
 def progress(path: str) -> tuple[int, int] | None:
