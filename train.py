@@ -29,6 +29,7 @@ from config import (Config, UserError, configure_backends, explicit_flags, parse
                     validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar10, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
+from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
 from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint, read_checkpoint,
                   read_metrics, run_info, save_atomic, start_files, to_cpu)
@@ -378,7 +379,10 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
             last = os.path.join(cfg.out, "last.pt")
             saved = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "nothing saved"
             raise UserError(f"{e}; {saved}; try a lower --lr (now {cfg.lr})", code=1) from None
-    return summarize(cfg, row, state.best_val, time.time() - t_start, rank)
+    wall = time.time() - t_start
+    if rank == 0 and row:
+        plot_model_pictures(state.model, data.test_x, data.test_y, data.classes, cfg.out, f"{cfg.arch}: ")
+    return summarize(cfg, row, state.best_val, wall, rank)
 
 
 def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, stop: StopSignal, rank: int,
@@ -444,8 +448,6 @@ def summarize(cfg: Config, row: dict, best_val: float, wall: float, rank: int) -
                "final_test_loss": row.get("test_loss"), "final_train_loss": row.get("train_loss"),
                "best_val_acc": best_val if cfg.val_split else None, "wall_time_s": round(wall, 1)}
     if rank == 0 and row:
-        from plot_curves import plot_runs
-
         plot_runs([cfg.out], os.path.join(cfg.out, "curves.png"),
                   title=f"{cfg.arch} (width {cfg.width}) on {cfg.data_dir}")
         tta = f" ({100 * row['test_acc_tta']:.2f}% with flip TTA)" if "test_acc_tta" in row else ""
@@ -455,7 +457,8 @@ def summarize(cfg: Config, row: dict, best_val: float, wall: float, rank: int) -
 
 
 def eval_only(cfg: Config, device: torch.device) -> dict:
-    """--eval-only: the --resume checkpoint (ours or the port's) on the test set, with per-class accuracy."""
+    """--eval-only: the --resume checkpoint (ours or a peer's) on the test set, with per-class accuracy;
+    confusion.png and mistakes.png go to --out, or beside the checkpoint."""
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
     data = load_cifar10(cfg.data_dir)
@@ -466,8 +469,12 @@ def eval_only(cfg: Config, device: torch.device) -> dict:
     print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, {origin})")
     for name, acc in zip(data.classes, res["per_class"]):
         print(f"  {name:<12} {100 * acc:6.2f}%")
+    out = cfg.out or os.path.dirname(cfg.resume_path()) or "."
+    os.makedirs(out, exist_ok=True)
+    counts = plot_model_pictures(model, data.test_x, data.test_y, data.classes, out, f"{ckpt['arch']}: ")
+    print(f"confusion.png and mistakes.png written to {out}")
     return {"test_loss": res["loss"], "test_acc": res["acc"], "test_acc_tta": res.get("acc_tta"),
-            "per_class": dict(zip(data.classes, res["per_class"]))}
+            "per_class": dict(zip(data.classes, res["per_class"])), "confusion": counts.tolist()}
 
 
 def run(argv: list[str] | None = None) -> dict:

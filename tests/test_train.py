@@ -147,3 +147,36 @@ def test_real_cifar10_one_epoch_on_5000_images(real_cifar, tmp_path):
     assert s["final_test_acc"] > 0.25, s  # chance is 0.10
     ckpt = torch.load(tmp_path / "real" / "last.pt", weights_only=True)
     assert ckpt["classes"][0] == "airplane" and ckpt["classes"][-1] == "truck"
+
+
+def test_pictures_of_a_trained_model(tiny_folder, tmp_path):
+    """The end of training and --eval-only draw confusion.png (counts summing to the test set) and mistakes.png."""
+    from PIL import Image
+
+    from data import load_cifar10
+
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
+    for name in ("confusion.png", "mistakes.png"):
+        assert Image.open(out / name).size[0] > 600, name
+    pictures = tmp_path / "eval"
+    res = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu",
+                      "--out", str(pictures)])
+    counts = torch.tensor(res["confusion"])
+    data = load_cifar10(tiny_folder)
+    assert counts.shape == (10, 10) and counts.sum().item() == len(data.test_y)
+    assert counts.sum(1).tolist() == torch.bincount(data.test_y, minlength=10).tolist()  # rows: the true classes
+    assert abs(counts.diagonal().sum().item() / len(data.test_y) - res["test_acc"]) <= 0.02  # up to near-ties
+    assert (pictures / "confusion.png").is_file() and (pictures / "mistakes.png").is_file()
+
+
+def test_mistakes_are_the_most_confident_wrong_predictions(tmp_path):
+    images = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
+    true = torch.tensor([0, 1, 2, 3, 4, 5])
+    pred = torch.tensor([0, 2, 2, 0, 1, 5])  # wrong: 1, 3, 4
+    prob = torch.tensor([0.99, 0.6, 0.9, 0.95, 0.7, 0.5])
+    shown = plot_curves.plot_mistakes(images, true, pred, prob, [str(i) for i in range(10)], str(tmp_path / "m.png"),
+                                      n=2)
+    assert shown == [3, 4] and (tmp_path / "m.png").is_file()
+    counts = plot_curves.confusion_matrix(true, pred, 10)
+    assert counts[1, 2] == 1 and counts[3, 0] == 1 and counts.trace() == 3 and counts.sum() == 6
