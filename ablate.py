@@ -31,7 +31,7 @@ from torch import nn
 import train
 from basic_block import BasicBlock
 from config import UserError, parse_config, run_script
-from data import DataError, load_cifar10
+from data import DataError, load_cifar
 from resnet import count_parameters, is_plain, model_depth
 from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
                   read_metrics)
@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--archs", nargs="+", default=None, help="explicit list of nets (overrides --depths)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; tables report mean ± std")
     p.add_argument("--out", default=None, help="ablation directory (default runs/ablation[-PRESET])")
-    p.add_argument("--data-dir", default="./data", help="CIFAR-10 directory (as train.py)")
+    p.add_argument("--data-dir", default="./data", help="data directory (as train.py)")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10",
+                   help="as train.py --dataset (part of the recipe when not cifar10)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side, each with its share of the CPU cores (1: one after another, all cores "
                         "each). Default: 2 on CPU (whole runs measured 8-10%% sooner than 1 on a 2-core CPU; "
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             p.exit(2, f"ablate.py: error: --responses trains nothing; drop the training flags {' '.join(recipe)}\n")
         nets = [labelled_model(c) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
-        path = plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],
+        path = plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
                               os.path.join(args.out or ".", "responses-checkpoints.png"))
         print(f"[ablate] Figure 7 for {len(nets)} checkpoint(s): {path}")
         return []
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.exit(2, f"ablate.py: error: --jobs must be at least 1, got {args.jobs}\n")
     archs = args.archs or [f"{k}{d}" for d in depths for k in ("resnet", "plain")] + \
         (["resnet18", "plain18"] if with_18 else [])
-    recipe = base + recipe  # explicit flags come last and win
+    recipe = base + recipe + (["--dataset", args.dataset] if args.dataset != "cifar10" else [])  # typed flags win
     try:  # every flag checked before the first run: a typo is one line now, not a failed run later
         parse_config(["--arch", archs[0], "--data-dir", args.data_dir, *recipe])
     except UserError as e:
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_tables(rows, out)
         plot_errors(out, done, args.seeds)
         nets = [(a, load_model(os.path.join(run_dir(out, a, args.seeds[0]), "last.pt"))) for a in done]
-        plot_responses(nets, load_cifar10(args.data_dir).test_x[:args.response_images],
+        plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
                        os.path.join(out, "responses.png"))
         with open(os.path.join(out, "ablation.md")) as f:
             print(f.read())

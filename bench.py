@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
 from config import run_script
-from data import DataError, Loader, load_cifar10
+from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import EpochSums, train_one_epoch
 
@@ -98,7 +98,7 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
     The loaders are built (and their images copied to the device) before any timing. amp: bf16 autocast, as
     train.py --amp. profile=True: instead, where `steps` steps spend their time (see time_breakdown).
     """
-    model = build_model(arch, width=width).to(device)
+    model = build_model(arch, width=width, num_classes=int(y.max()) + 1).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt, crit = sgd(model), nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -141,7 +141,7 @@ def time_breakdown(run_steps, warmup: int, steps: int, device: torch.device) -> 
 
 
 def classic_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, workers=2) -> float:
-    model = build_model(arch, width=width).to(device)
+    model = build_model(arch, width=width, num_classes=int(y.max()) + 1).to(device)
     opt, crit = sgd(model), nn.CrossEntropyLoss(label_smoothing=0.1)
     loader = torch.utils.data.DataLoader(ClassicDataset(x, y), batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0,
@@ -184,7 +184,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmark our training loop against the classic DataLoader loop.")
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 directory (default: synthetic images, with a note)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: synthetic images, with a note)")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="as train.py --dataset")
     p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model for the side-by-side comparison")
     p.add_argument("--width", type=int, default=16, help="its width")
     p.add_argument("--batch-size", type=int, default=128, help="batch size of the comparison")
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = 32 if a.quick else a.batch_size
     notes = []
     if a.data_dir:
-        d = load_cifar10(a.data_dir, download=False)
+        d = load_cifar(a.data_dir, a.dataset, download=False)
         x, y = d.train_x[: 4096 if a.quick else 25_600], d.train_y[: 4096 if a.quick else 25_600]
     else:
         g = torch.Generator().manual_seed(0)

@@ -74,6 +74,9 @@ class Config:
         f"{name}: " + (", ".join(f"{k} {v}" for k, v in preset.items()) or "the defaults")
         for name, preset in RECIPES.items()), choices=tuple(RECIPES))
     # data
+    dataset: str = _data("cifar10", "cifar10 or cifar100: which torchvision folder --data-dir holds (downloaded when "
+                                    "missing) and, for cifar100, its own mean/std; class folders work for either",
+                         choices=("cifar10", "cifar100"))
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -81,8 +84,8 @@ class Config:
     out: str | None = _rundir(None, "run directory (default runs/<arch>-<timestamp>)")
     overwrite: bool = _rundir(False, "allow writing into an existing run directory")
     # hardware and process: taken from the new command line on --resume
-    data_dir: str = _process("./data", "CIFAR-10: cifar-10-batches-py/ (downloaded when missing) or train/ and test/ "
-                                       "class folders")
+    data_dir: str = _process("./data", "the data: cifar-10-batches-py/ or cifar-100-python/ (downloaded when "
+                                       "missing), or train/ and test/ class folders")
     resume: str | None = _process(None, "run dir or checkpoint to continue from (or to evaluate)")
     eval_only: bool = _process(False, "evaluate the --resume checkpoint on the test set")
     device: str = _process("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))

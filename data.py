@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,7 +28,10 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the 50,000 traini
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel standard deviation (not the oft-copied 0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CACHE_NAME = "cifar10-uint8-cache.pt"
+CACHE_SUFFIX = "-uint8-cache.pt"  # <data-dir>/cifar10-uint8-cache.pt, cifar100-uint8-cache.pt
+CACHE_NAME = "cifar10" + CACHE_SUFFIX
+# --dataset -> torchvision's folder of pickled batches, and its reader
+TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 PAD = 4  # random crops are taken from the image zero-padded by PAD pixels on each side
 
 
@@ -42,16 +46,36 @@ class Cifar:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
+    mean: tuple[float, ...] = CIFAR10_MEAN  # the input normalisation nets trained on it use
+    std: tuple[float, ...] = CIFAR10_STD
+
+
+def pixel_stats(x: torch.Tensor, chunk: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, 3, H, W), in [0, 1] units, summed in chunks (no float copy of
+    the whole set)."""
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk].double() / 255
+        s += xb.sum((0, 2, 3))
+        s2 += (xb ** 2).sum((0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = (s2 / n - mean ** 2).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _read_torchvision(data_dir: str, download: bool) -> Cifar:
-    from torchvision.datasets import CIFAR10
+def _read_torchvision(data_dir: str, download: bool, dataset: str = "cifar10") -> Cifar:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    reader = CIFAR100 if dataset == "cifar100" else CIFAR10
+    name = "CIFAR-100" if dataset == "cifar100" else "CIFAR-10"
 
     def split(train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        ds = CIFAR10(data_dir, train=train, download=download)
+        ds = reader(data_dir, train=train, download=download)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
         return x, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
 
@@ -59,10 +83,14 @@ def _read_torchvision(data_dir: str, download: bool) -> Cifar:
         train_x, train_y, classes = split(True)
         test_x, test_y, _ = split(False)
     except RuntimeError as e:  # "Dataset not found or corrupted"
-        raise DataError(f"{data_dir}/cifar-10-batches-py: {e}") from None
+        raise DataError(f"{data_dir}/{TORCHVISION_DIRS[dataset]}: {e}") from None
     except OSError as e:  # no network
-        raise DataError(f"could not download CIFAR-10 into {data_dir} ({e.__class__.__name__}); "
-                        "pass --data-dir with a local copy (cifar-10-batches-py or train/ and test/ folders)") from None
+        raise DataError(f"could not download {name} into {data_dir} ({e.__class__.__name__}); pass --data-dir with "
+                        f"a local copy ({TORCHVISION_DIRS[dataset]} or train/ and test/ folders)") from None
+    except (KeyError, pickle.UnpicklingError, EOFError, ValueError):
+        raise DataError(f"{data_dir}/{TORCHVISION_DIRS[dataset]} is not in torchvision's {name} format") from None
+    if dataset == "cifar100":  # its own statistics, from its training pixels
+        return Cifar(train_x, train_y, test_x, test_y, classes, *pixel_stats(train_x))
     return Cifar(train_x, train_y, test_x, test_y, classes)
 
 
@@ -103,28 +131,28 @@ def _read_image_folder(data_dir: str) -> Cifar:
     return Cifar(*tensors, classes=classes)
 
 
-def detect_layout(data_dir: str, download: bool = True) -> str:
-    """"torchvision" (cifar-10-batches-py/, or a missing or empty directory torchvision may download into) or
-    "folder" (train/ and test/ class folders); anything else is a DataError."""
-    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+def detect_layout(data_dir: str, download: bool = True, dataset: str = "cifar10") -> str:
+    """"torchvision" (its cifar-10-batches-py/ or cifar-100-python/, or a missing or empty directory torchvision may
+    download into) or "folder" (train/ and test/ class folders); anything else is a DataError."""
+    batches = TORCHVISION_DIRS[dataset]
+    if os.path.isdir(os.path.join(data_dir, batches)):
         return "torchvision"
     if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
         return "folder"
     if os.path.isdir(data_dir) and os.listdir(data_dir):
-        raise DataError(f"{data_dir} holds neither cifar-10-batches-py/ nor train/ and test/ class folders")
+        raise DataError(f"{data_dir} holds neither {batches}/ nor train/ and test/ class folders")
     if not download:
         raise DataError(f"data directory {data_dir} {'is empty' if os.path.isdir(data_dir) else 'does not exist'}")
     return "torchvision"
 
 
-def _signature(data_dir: str, layout: str) -> str:
-    """Cheap fingerprint of the source files (names, sizes, mtimes): the cache is stale when it changes."""
-    h = hashlib.sha1(layout.encode())
-    top = os.path.join(data_dir, "cifar-10-batches-py") if layout == "torchvision" else data_dir
+def _signature(data_dir: str, top: str) -> str:
+    """Cheap fingerprint of the source files under top (names, sizes, mtimes): the cache is stale when it changes."""
+    h = hashlib.sha1(os.path.relpath(top, data_dir).encode())
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         for name in sorted(filenames):
-            if name == CACHE_NAME or name.startswith(CACHE_NAME):
+            if CACHE_SUFFIX in name:
                 continue
             st = os.stat(os.path.join(dirpath, name))
             h.update(f"{os.path.relpath(dirpath, top)}/{name}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -133,20 +161,27 @@ def _signature(data_dir: str, layout: str) -> str:
 
 def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -> Cifar:
     """Read CIFAR-10 (either layout) from data_dir as uint8 tensors, through the cache beside it."""
-    layout = detect_layout(data_dir, download)
-    cache = os.path.join(data_dir, CACHE_NAME)
-    has_files = layout == "folder" or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
-    sig = _signature(data_dir, layout) if use_cache and has_files else None
+    return load_cifar(data_dir, "cifar10", download, use_cache)
+
+
+def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, use_cache: bool = True) -> Cifar:
+    """Read CIFAR-10 or CIFAR-100 (torchvision's pickled batches, or train/ and test/ class folders of any number of
+    classes) from data_dir as uint8 tensors, through the cache beside it (<data-dir>/<dataset>-uint8-cache.pt)."""
+    layout = detect_layout(data_dir, download, dataset)
+    cache = os.path.join(data_dir, dataset + CACHE_SUFFIX)
+    top = os.path.join(data_dir, TORCHVISION_DIRS[dataset]) if layout == "torchvision" else data_dir
+    sig = _signature(data_dir, top) if use_cache and os.path.isdir(top) else None
     if sig and os.path.exists(cache):
         try:
             c = torch.load(cache, weights_only=True)
             if c["signature"] == sig:
-                return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"])
+                return Cifar(c["train_x"], c["train_y"], c["test_x"], c["test_y"], c["classes"],
+                             tuple(c.get("mean", CIFAR10_MEAN)), tuple(c.get("std", CIFAR10_STD)))
         except Exception:
             pass  # stale or broken cache: rebuild it
     existed = os.path.isdir(data_dir)
     try:
-        data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download)
+        data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download, dataset)
     except DataError:
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)  # a failed download leaves no empty directory behind
@@ -154,9 +189,9 @@ def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -
     if use_cache:
         try:  # the signature of what was read (a download has just written its files)
             tmp = f"{cache}.tmp{os.getpid()}"
-            torch.save({"signature": sig or _signature(data_dir, layout), "classes": data.classes,
+            torch.save({"signature": sig or _signature(data_dir, top), "classes": data.classes,
                         "train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
-                        "test_y": data.test_y}, tmp)
+                        "test_y": data.test_y, "mean": list(data.mean), "std": list(data.std)}, tmp)
             os.replace(tmp, cache)
         except OSError:
             pass  # read-only data dir: run without a cache

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import distributed
 from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_script,
                     validate_runtime)
-from data import Cifar, DataError, Loader, load_cifar10, split_indices
+from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
@@ -283,20 +283,20 @@ class Loaders(NamedTuple):
     val: Loader | None  # with --val-split only
 
 
-def load_data(data_dir: str, local_rank: int, world: int) -> Cifar:
+def load_data(data_dir: str, dataset: str, local_rank: int, world: int) -> Cifar:
     """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then read the
     cache. No two processes download into, or decode into, the same directory at once."""
-    data, err = attempt(lambda: load_cifar10(data_dir), DataError) if local_rank == 0 else (None, None)
+    data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError) if local_rank == 0 else (None, None)
     agree(err, world)
     if data is None:
-        data, err = attempt(lambda: load_cifar10(data_dir), DataError)
+        data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError)
     agree(err, world)
     return data
 
 
 def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, world: int) -> Loaders:
     train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
-    kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world)
+    kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world, mean=data.mean, std=data.std)
     return Loaders(
         train=Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True, seed=cfg.seed, **kw),
         test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw),
@@ -350,16 +350,17 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     explicit: the flags the user typed (a resumed run compares them with its own)."""
     device = resolve_device(cfg.device, local_rank)
     if cfg.eval_only:
-        return eval_only(cfg, device)
+        return eval_only(cfg, device, explicit)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
     validate_runtime(cfg, device, world)
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
 
-    data = load_data(cfg.data_dir, local_rank, world)
+    data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
     state = new_state(cfg, data.classes, len(loaders.train), device)
+    state.model.normalization = {"mean": list(data.mean), "std": list(data.std)}  # what its loaders feed it
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world, local_rank)
@@ -456,12 +457,16 @@ def summarize(cfg: Config, row: dict, best_val: float, wall: float, rank: int) -
     return summary
 
 
-def eval_only(cfg: Config, device: torch.device) -> dict:
+def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
     """--eval-only: the --resume checkpoint (ours or a peer's) on the test set, with per-class accuracy;
     confusion.png and mistakes.png go to --out, or beside the checkpoint."""
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
-    data = load_cifar10(cfg.data_dir)
+    data = load_cifar(cfg.data_dir, ckpt.get("config", {}).get("dataset", "cifar10") if "dataset" not in explicit
+                      else cfg.dataset)  # the checkpoint's data unless --dataset was typed
+    if len(data.classes) != len(model.classes):
+        raise UserError(f"{cfg.resume_path()} classifies {len(model.classes)} classes; {cfg.data_dir} holds "
+                        f"{len(data.classes)} (another --dataset?)")
     loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, **model.normalization)
     res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
     tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""

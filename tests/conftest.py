@@ -63,6 +63,26 @@ def write_cifar_batches(root: str, n_train: int = 200, n_test: int = 100) -> tup
     return {"train": (xtr, ytr), "test": (xte, yte)}
 
 
+def write_cifar100(root: str, n_train: int = 300, n_test: int = 200) -> dict:
+    """A tiny cifar-100-python in torchvision's own format: pickled train, test and meta, with fine_labels (and
+    coarse_labels) and fine_label_names."""
+    d = os.path.join(root, "cifar-100-python")
+    os.makedirs(d, exist_ok=True)
+    splits = {}
+    for split, n, seed in (("train", n_train, 3), ("test", n_test, 4)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+        y = torch.arange(n) % 100
+        with open(os.path.join(d, split), "wb") as f:
+            pickle.dump({"data": x.reshape(n, -1).numpy(), "fine_labels": y.tolist(),
+                         "coarse_labels": (y // 5).tolist()}, f)
+        splits[split] = (x, y)
+    with open(os.path.join(d, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i:02d}" for i in range(100)],
+                     "coarse_label_names": [f"super{i:02d}" for i in range(20)]}, f)
+    return splits
+
+
 @pytest.fixture
 def skip_md5(monkeypatch):
     """torchvision checks the md5 of the real CIFAR-10 files; our tiny copy has other sums."""

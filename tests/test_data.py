@@ -173,3 +173,20 @@ def test_train_loader_ranks_take_disjoint_slices_of_global_batch():
              for r in range(2)]
     for step, yb in enumerate(single):
         assert torch.equal(torch.cat([ranks[0][step], ranks[1][step]]), yb)
+
+
+def test_cifar100_reader_on_torchvisions_format(tmp_path, skip_md5):
+    from conftest import write_cifar100
+
+    splits = write_cifar100(str(tmp_path))
+    d = data.load_cifar(str(tmp_path), "cifar100", download=False)
+    assert torch.equal(d.train_x, splits["train"][0]) and torch.equal(d.test_y, splits["test"][1])
+    assert len(d.classes) == 100 and d.classes[7] == "class07"  # the fine labels
+    x = splits["train"][0].double() / 255
+    assert d.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-4)  # its own statistics
+    assert d.std == pytest.approx(x.std((0, 2, 3), unbiased=False).tolist(), abs=1e-4)
+    assert (tmp_path / "cifar100-uint8-cache.pt").exists()
+    again = data.load_cifar(str(tmp_path), "cifar100", download=False)  # from the cache, statistics included
+    assert again.mean == d.mean and again.classes == d.classes
+    with pytest.raises(data.DataError, match="neither cifar-10-batches-py/"):
+        data.load_cifar(str(tmp_path), "cifar10", download=False)

@@ -180,3 +180,24 @@ def test_mistakes_are_the_most_confident_wrong_predictions(tmp_path):
     assert shown == [3, 4] and (tmp_path / "m.png").is_file()
     counts = plot_curves.confusion_matrix(true, pred, 10)
     assert counts[1, 2] == 1 and counts[3, 0] == 1 and counts.trace() == 3 and counts.sum() == 6
+
+
+def test_cifar100_trains_with_its_classes_and_statistics(tmp_path, skip_md5, capsys):
+    from conftest import write_cifar100
+    from data import pixel_stats
+    from resnet import load_model
+
+    splits = write_cifar100(str(tmp_path / "c100"))
+    out = tmp_path / "r"
+    train.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "c100"), "--arch", "resnet20", "--width", "4",
+                "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress", "--device", "cpu"])
+    model = load_model(str(out / "last.pt"))
+    mean, std = pixel_stats(splits["train"][0])
+    assert model.fc.out_features == 100 and len(model.classes) == 100
+    assert model.normalization == {"mean": list(mean), "std": list(std)}
+    res = train.main(["--eval-only", "--resume", str(out), "--data-dir", str(tmp_path / "c100"), "--device", "cpu"])
+    assert res["test_acc"] == metrics(out)[-1]["test_acc"] and len(res["per_class"]) == 100
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "cifar1000", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--dataset" in err[0]
