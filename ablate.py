@@ -15,7 +15,6 @@ responses.png (Figure 7: std of every 3x3 layer's response after BN, before the 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -30,7 +29,7 @@ from torch import nn
 
 import train
 from basic_block import BasicBlock
-from config import UserError, parse_config, run_script
+from config import Parser, UserError, parse_config, run_script
 from data import DataError, load_cifar
 from resnet import count_parameters, is_plain, model_depth
 from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
@@ -264,7 +263,7 @@ def labelled_model(path: str) -> tuple[str, nn.Module]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="ablate.py", description=__doc__.split("\n\n")[0],
                                 epilog="Other flags go to train.py and are part of the grid's shared recipe.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
                    help="quick: 10k-image subset, 10 epochs, depths 20 and 56 plus the ResNet-18 pair; "

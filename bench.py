@@ -19,7 +19,6 @@ Figures are printed as a table and written as JSON (--json). Targets are read of
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import run_script
+from config import Parser, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import EpochSums, train_one_epoch
@@ -183,7 +182,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Benchmark our training loop against the classic DataLoader loop.")
+    p = Parser(prog="bench.py", description="Benchmark our training loop against the classic DataLoader loop.")
     p.add_argument("--data-dir", default=None, help="data directory (default: synthetic images, with a note)")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="as train.py --dataset")
     p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model for the side-by-side comparison")

@@ -9,7 +9,6 @@ epochs, a .item() per step. Same model (resnet.py) and data (data.py) as ours; o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from config import UserError, resolve_device, run_script
+from config import Parser, UserError, resolve_device, run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from runs import append_metrics, format_row
@@ -120,7 +119,7 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Train with the classic CIFAR loop (the time-to-accuracy baseline).")
+    p = Parser(prog="classic.py", description="Train with the classic CIFAR loop (the time-to-accuracy baseline).")
     p.add_argument("out", help="run directory: config.json and metrics.jsonl in train.py's format")
     p.add_argument("--data-dir", required=True, help="CIFAR-10 directory (image folders or cifar-10-batches-py)")
     p.add_argument("--arch", default="resnet18", choices=MODEL_NAMES, help="model (resnet.py)")

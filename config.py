@@ -149,7 +149,9 @@ class Config:
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["runtime"])
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """Every script's parser: a bad flag is one line, "<script>: error: ...", exit 2."""
+
     def error(self, message: str):  # one line, exit 2 (argparse would add the usage block)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -169,7 +171,7 @@ def run_script(prog: str, main, argv: list[str] | None, errors: tuple[type[Excep
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field, typed from its annotation, under its section's header in --help."""
-    p = _Parser(prog="train.py", description="Train a ResNet on CIFAR-10.",
+    p = Parser(prog="train.py", description="Train a ResNet on CIFAR-10.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):

@@ -9,12 +9,12 @@ are measured after the epoch. Works on the partial log of a job that is still ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from config import Parser
 from runs import read_metrics
 
 
@@ -146,7 +146,7 @@ def plot_model_pictures(model, images: torch.Tensor, labels: torch.Tensor, class
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description="Plot loss/accuracy curves of train.py runs.")
+    p = Parser(prog="plot_curves.py", description="Plot loss/accuracy curves of train.py runs.")
     p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     p.add_argument("-o", "--out", default=None, help="output image (default: curves.png in the first run dir)")
     p.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run")
