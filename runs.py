@@ -1,5 +1,5 @@
-"""A run directory and its checkpoints: what train.py writes, and what load_model, ablate.py, plot_curves.py and
-classic.py read. One owner for the format.
+"""A run directory and its checkpoints: what train.py writes, and what load_model, ablate.py, plot_curves.py
+and classic.py read. One owner for the format.
 
     <run>/config.json     the config, library versions, device, world size, git commit (run_info)
     <run>/metrics.jsonl   one JSON line per finished epoch (append_metrics, read_metrics, truncate_metrics)
@@ -7,9 +7,9 @@ classic.py read. One owner for the format.
     <run>/curves.png
 
 A checkpoint is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
-model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the epoch's
-running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std) and rng.
-Older checkpoints without normalization were all trained on CIFAR-10's.
+model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the
+epoch's running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std)
+and rng. Older checkpoints without normalization were all trained on CIFAR-10's.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
 
 
-PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's, as that port uses
+PORT_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # ImageNet's (akamaster)
 CIFAR10_NORMALIZATION = {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}  # ours, always (train.py)
 KUANGLIU_NORMALIZATION = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}  # its main.py's
-# Published checkpoint formats: the key holding the state dict -> (where it comes from, the mean/std it was fed)
+# Published checkpoint formats: the key holding the state dict -> (where it comes from, the mean/std it used)
 PEER_FORMATS = {"state_dict": ("akamaster/pytorch_resnet_cifar10", PORT_NORMALIZATION),
                 "net": ("kuangliu/pytorch-cifar", KUANGLIU_NORMALIZATION)}
 PEER_ARCHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34",
@@ -52,7 +52,7 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # UnpicklingError (unsafe payload), RuntimeError (truncated/corrupt zip), EOFError...
+    except Exception as e:  # UnpicklingError (unsafe payload), RuntimeError (torn/corrupt zip), EOFError...
         kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
             else "unreadable (truncated or corrupt)"
         raise CheckpointError(f"checkpoint {path} is {kind}") from None
@@ -81,10 +81,11 @@ def from_peer_checkpoint(ckpt: dict, key: str, path: str = "checkpoint") -> dict
         blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in stages)
         width, num_classes = sd["conv1.weight"].shape[0], sd["linear.weight"].shape[0]
     except (KeyError, AttributeError, IndexError, ValueError):
-        raise CheckpointError(f"{path}: a '{key}' checkpoint, but not a {source.split('/')[1]} ResNet") from None
+        raise CheckpointError(f"{path}: a '{key}' checkpoint, but not a {source.split('/')[1]} ResNet") \
+            from None
     if blocks not in PEER_ARCHS or any(k.endswith("conv3.weight") for k in sd):
-        raise CheckpointError(f"{path}: stages of {list(blocks)} blocks are not a net of ours (BasicBlock ResNet-18/34, "
-                              "or a CIFAR ResNet of 6n+2 layers)")
+        raise CheckpointError(f"{path}: stages of {list(blocks)} blocks are not a net of ours (BasicBlock "
+                              "ResNet-18/34, or a CIFAR ResNet of 6n+2 layers)")
     model = {}
     for k, v in sd.items():
         if k.startswith("layer"):
@@ -98,7 +99,7 @@ def from_peer_checkpoint(ckpt: dict, key: str, path: str = "checkpoint") -> dict
 
 
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
-    """Rebuild the architecture named in the checkpoint, load its weights and the input normalisation it needs."""
+    """Rebuild the checkpoint's architecture, load its weights, class names and the normalisation it needs."""
     try:
         model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:
@@ -115,21 +116,21 @@ def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint") -> None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
-        raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or width?)") \
-            from None
+        raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or "
+                              "width?)") from None
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt), a pytorch_resnet_cifar10 one
-    (resnet20-12fca82f.th, ...) or a pytorch-cifar one (ckpt.pth). model.predict(uint8_images) classifies raw
-    images; model.normalize(images) is the checkpoint's own mean/std, model.classes its class names."""
+    """A trained model, in eval mode, from a train.py checkpoint (last.pt / best.pt), a pytorch_resnet_cifar10
+    one (resnet20-12fca82f.th, ...) or a pytorch-cifar one (ckpt.pth). model.predict(uint8_images) classifies
+    raw images; model.normalize(images) is the checkpoint's own mean/std, model.classes its class names."""
     return model_from_checkpoint(read_checkpoint(path, map_location), path).to(map_location).eval()
 
 
 def export_weights(run_path: str, out: str) -> dict:
-    """The trained net of a train.py run (a run directory or a checkpoint) as a weights file: fp32 weights, arch,
-    classes and normalisation, no optimizer state; load_model and torch.hub read it, train.py --resume refuses it.
-    Returns what it wrote."""
+    """The trained net of a train.py run (a run directory or a checkpoint) as a weights file: fp32 weights,
+    arch, classes and normalisation, no optimizer state; load_model and torch.hub read it, train.py --resume
+    refuses it. Returns what it wrote."""
     path = os.path.join(run_path, "last.pt") if os.path.isdir(run_path) else run_path
     ckpt = read_checkpoint(path)
     if "config" not in ckpt:
@@ -142,8 +143,8 @@ def export_weights(run_path: str, out: str) -> dict:
 
 
 def progress(path: str) -> tuple[int, int] | None:
-    """(epochs done, epochs planned) of the train.py run at path (a run directory or its last.pt); None when it
-    has no checkpoint yet."""
+    """(epochs done, epochs planned) of the train.py run at path (a run directory or its last.pt); None when
+    it has no checkpoint yet."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
         return None
@@ -190,7 +191,7 @@ def append_metrics(path: str, row: dict) -> None:
 
 
 def truncate_metrics(path: str, epochs_done: int) -> None:
-    """Keep only complete lines of epochs the checkpoint has seen: no duplicates or torn lines after a resume."""
+    """Keep the complete lines of the epochs the checkpoint holds: no duplicate, no torn line on resume."""
     if not os.path.exists(path):
         return
     keep = []
@@ -233,13 +234,14 @@ def run_info(cfg, device: torch.device, world: int) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": name, "world_size": world, "threads": torch.get_num_threads(), "git_commit": commit}
+    return {"config": dataclasses.asdict(cfg), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "device": name, "world_size": world,
+            "threads": torch.get_num_threads(), "git_commit": commit}
 
 
 def start_files(out: str, info: dict, resumed: dict | None, epochs_done: int) -> None:
-    """Before the first epoch (rank 0 only): a new run's config.json; for a resumed run whose --epochs was raised,
-    its new length in config.json; metrics.jsonl cut back to the epochs the checkpoint holds."""
+    """Before the first epoch (rank 0 only): a new run's config.json; for a resumed run whose --epochs was
+    raised, its new length in config.json; metrics.jsonl cut back to the epochs the checkpoint holds."""
     path = os.path.join(out, "config.json")
     if resumed is None:
         _write_json(path, info)

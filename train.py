@@ -1,10 +1,10 @@
 """Train a ResNet on CIFAR-10: SGD + momentum, label-smoothed cross-entropy, a step schedule, exact resume.
 
-    python train.py                                  # ResNet-18 (width 16), default recipe, on GPU if there is one
+    python train.py                                  # ResNet-18 (width 16), default recipe, GPU if any
     python train.py --epochs 20 --data-dir data      # a shorter run on a local copy
     python train.py --resume runs/resnet18-...       # continue exactly where it stopped (kill -9 included)
     python train.py --eval-only --resume runs/x/last.pt
-    torchrun --nproc_per_node=4 train.py ...         # DDP: --batch-size and --lr stay those of the global batch
+    torchrun --nproc_per_node=4 train.py ...         # DDP: --batch-size and --lr are the global batch's
 
 Writes to the run dir: config.json, metrics.jsonl (one line per epoch), last.pt (every epoch, and every
 --save-every-steps steps), best.pt (only with --val-split, chosen on validation accuracy), curves.png.
@@ -25,14 +25,14 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device, run_script,
-                    validate_runtime)
+from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device,
+                    run_script, validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
-from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint, read_checkpoint,
-                  read_metrics, run_info, save_atomic, start_files, to_cpu)
+from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint,
+                  read_checkpoint, read_metrics, run_info, save_atomic, start_files, to_cpu)
 
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
 
@@ -62,8 +62,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
 
 class EpochSums:
     """An epoch's running training sums and its count of non-finite losses, kept on the device: adding to them
-    never waits for the GPU. A mid-epoch checkpoint saves the sums (as `partial`) so a resumed epoch logs the same
-    training loss and accuracy as an unbroken one."""
+    never waits for the GPU. A mid-epoch checkpoint saves the sums (as `partial`) so a resumed epoch logs the
+    same training loss and accuracy as an unbroken one."""
 
     NAMES = ("loss_sum", "correct", "count")
 
@@ -104,10 +104,10 @@ class EpochSums:
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
                     sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
                     after_step: Callable[[int], None] = lambda step: None) -> None:
-    """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs after
-    each step: train.py's checks, progress, checkpoints and stops (StepPolicy)."""
+    """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs
+    after each step: train.py's checks, progress, checkpoints and stops (StepPolicy)."""
     model.train()
-    for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # step: 1-based within the epoch
+    for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # 1-based in the epoch
         with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)  # (b, num_classes)
         loss = criterion(logits.float(), y)
@@ -120,8 +120,9 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
 
 
 class StopSignal:
-    """Inside `with`, SIGINT and SIGTERM are recorded instead of killing the run; the loop stops at the next safe
-    point, after a checkpoint. Under DDP the ranks agree at common sync points: a signal to one stops them all."""
+    """Inside `with`, SIGINT and SIGTERM are recorded instead of killing the run; the loop stops at the next
+    safe point, after a checkpoint. Under DDP the ranks agree at common sync points: a signal to one stops
+    them all."""
 
     def __init__(self, device: torch.device, world: int):
         self.device, self.world = device, world
@@ -148,11 +149,12 @@ class StopSignal:
 
 
 class StepPolicy:
-    """train.py's after_step: every --log-every steps and at the epoch's end the non-finite check (a host sync)
-    and the progress bar; every --save-every-steps steps a mid-epoch checkpoint; on a signal, a checkpoint and
-    Interrupted. save(epoch, step) is called at the same step on every rank."""
+    """train.py's after_step: every --log-every steps and at the epoch's end the non-finite check (a host
+    sync) and the progress bar; every --save-every-steps steps a mid-epoch checkpoint; on a signal, a
+    checkpoint and Interrupted. save(epoch, step) is called at the same step on every rank."""
 
-    def __init__(self, cfg: Config, sums: EpochSums, stop: StopSignal, save: Callable[[int, int], None], world: int):
+    def __init__(self, cfg: Config, sums: EpochSums, stop: StopSignal, save: Callable[[int, int], None],
+                 world: int):
         self.cfg, self.sums, self.stop, self.save, self.world = cfg, sums, stop, save, world
 
     def start_epoch(self, epoch: int, start: int, steps: int, bar: tqdm) -> None:
@@ -179,11 +181,11 @@ class StepPolicy:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, num_classes: int, world: int = 1, tta: bool = False) -> dict:
-    """Loss, accuracy and per-class accuracy; under DDP each rank counts its own images and the sums are reduced.
+    """Loss, accuracy and per-class accuracy; under DDP each rank counts its images and the sums are reduced.
 
-    Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint gives.
-    No host sync until the end: one-hot sums, deterministic too (bincount and boolean masks would sync on CUDA).
-    tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
+    Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint
+    gives. No host sync until the end: one-hot sums, deterministic too (bincount and boolean masks would sync
+    on CUDA). tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
     """
     model.eval()
     dev = loader.device
@@ -213,7 +215,7 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, world: int = 1,
     return out
 
 
-# ----------------------------------------------------------------------------------------------- the run's state
+# ----------------------------------------------------------------------------------------- the run's state
 
 
 @dataclass
@@ -284,8 +286,8 @@ class Loaders(NamedTuple):
 
 
 def load_data(data_dir: str, dataset: str, local_rank: int, world: int) -> Cifar:
-    """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then read the
-    cache. No two processes download into, or decode into, the same directory at once."""
+    """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then
+    read the cache. No two processes download into, or decode into, the same directory at once."""
     data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError) if local_rank == 0 else (None, None)
     agree(err, world)
     if data is None:
@@ -296,16 +298,19 @@ def load_data(data_dir: str, dataset: str, local_rank: int, world: int) -> Cifar
 
 def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, world: int) -> Loaders:
     train_idx, val_idx = split_indices(len(data.train_x), cfg.subset, cfg.val_split, cfg.seed)
-    kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world, mean=data.mean, std=data.std)
-    return Loaders(
-        train=Loader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, train=True, seed=cfg.seed, **kw),
-        test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw),
-        val=Loader(data.train_x[val_idx], data.train_y[val_idx], EVAL_BATCH, train=False, **kw) if cfg.val_split
-        else None)
+    kw = dict(device=device, channels_last=cfg.channels_last, rank=rank, world=world, mean=data.mean,
+              std=data.std)
+    train_x, train_y = data.train_x[train_idx], data.train_y[train_idx]
+    val_x, val_y = data.train_x[val_idx], data.train_y[val_idx]
+    val = Loader(val_x, val_y, EVAL_BATCH, train=False, **kw) if cfg.val_split else None
+    return Loaders(train=Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, **kw),
+                   test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw), val=val)
 
 
-def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local_rank: int) -> nn.Module:
-    """The module the steps run: sync-BN (in place: `model` shares every parameter and buffer), DDP, compile."""
+def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local_rank: int) \
+        -> nn.Module:
+    """The module the steps run: sync-BN (in place: `model` shares every parameter and buffer), DDP, compile.
+    """
     if cfg.sync_bn:
         model = convert_sync_batchnorm(model)
     if world > 1:
@@ -318,23 +323,25 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
 
 
 def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Config, dict | None]:
-    """The run's config and, on --resume, its checkpoint; rank 0 creates a new run directory. Every rank learns
-    the outcome: a mistake is one line on all of them, not a hang on all but one."""
+    """The run's config and, on --resume, its checkpoint; rank 0 creates a new run directory. Every rank
+    learns the outcome: a mistake is one line on all of them, not a hang on all but one."""
     def check() -> tuple[Config, dict | None]:
         if not cfg.resume:
             if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
                 raise UserError(f"--out {cfg.out} is a file, not a run directory")
             if rank == 0:
                 if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
-                    raise UserError(f"run directory {cfg.out} already exists; pass --resume {cfg.out} or --overwrite")
+                    raise UserError(f"run directory {cfg.out} already exists; pass --resume {cfg.out} or "
+                                    "--overwrite")
                 os.makedirs(cfg.out, exist_ok=True)
             return cfg, None
         if not os.path.exists(cfg.resume):
             raise UserError(f"--resume: {cfg.resume} does not exist")
         ckpt = read_checkpoint(cfg.resume_path())
         if "config" not in ckpt:
-            raise UserError(f"{cfg.resume_path()} holds trained weights ({ckpt.get('source', 'no run')}), not a "
-                            "train.py run: evaluate it with --eval-only, or load it with resnet.load_model")
+            source = ckpt.get("source", "no run")
+            raise UserError(f"{cfg.resume_path()} holds trained weights ({source}), not a train.py run: "
+                            "evaluate it with --eval-only, or load it with resnet.load_model")
         return Config.for_resume(ckpt["config"], cfg, explicit), ckpt
 
     result, err = attempt(check, UserError, CheckpointError)
@@ -373,8 +380,8 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
             row = train_epochs(state, train_model, loaders, stop, rank, world)
         except Interrupted:
             who = "" if world == 1 else f" (rank {rank})"
-            print(f"train.py: stopped by {signal.Signals(stop.signum).name}{who}; checkpoint saved, resume with: "
-                  f"python train.py --resume {cfg.out}", file=sys.stderr)
+            print(f"train.py: stopped by {signal.Signals(stop.signum).name}{who}; checkpoint saved, resume "
+                  f"with: python train.py --resume {cfg.out}", file=sys.stderr)
             raise SystemExit(128 + stop.signum)
         except NonFiniteLoss as e:
             last = os.path.join(cfg.out, "last.pt")
@@ -388,8 +395,8 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
 
 def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, stop: StopSignal, rank: int,
                  world: int) -> dict:
-    """The epoch loop from where the state stands: train, evaluate, checkpoint, log. Returns the last row ({} when
-    the run had no epoch left)."""
+    """The epoch loop from where the state stands: train, evaluate, checkpoint, log. Returns the last row ({}
+    when the run had no epoch left)."""
     cfg, sums, out = state.cfg, state.sums, state.cfg.out
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     amp = cfg.amp and loaders.train.device.type == "cuda"
@@ -400,11 +407,11 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
             sums.zero_()
         sums.nonfinite.zero_()
         t0, count0 = time.time(), sums.count.item()
-        with tqdm(total=len(loaders.train), initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                  disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
+        with tqdm(total=len(loaders.train), initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
-            train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums, epoch,
-                            state.step, amp=amp, after_step=policy)
+            train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
+                            epoch, state.step, amp=amp, after_step=policy)
         state.epoch, state.step = epoch + 1, 0
         train_seconds, images = time.time() - t0, (sums.count.item() - count0) * world
         row = epoch_row(state, loaders, world)
@@ -422,10 +429,10 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
 
 
 def epoch_row(state: TrainState, loaders: Loaders, world: int) -> dict:
-    """The metrics of the epoch just trained: its training sums over every rank, then the test (and validation)
-    evaluation."""
+    """The metrics of the epoch just trained: its training sums over every rank, then the test (and
+    validation) evaluation."""
     sums = state.sums.reduced(world)
-    broadcast_buffers(state.model, world)  # every rank evaluates with rank 0's BN statistics, which last.pt saves
+    broadcast_buffers(state.model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
     test = evaluate(state.model, loaders.test, len(state.classes), world, state.cfg.tta)
     n = sums["count"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
@@ -462,8 +469,8 @@ def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
     confusion.png and mistakes.png go to --out, or beside the checkpoint."""
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
-    data = load_cifar(cfg.data_dir, ckpt.get("config", {}).get("dataset", "cifar10") if "dataset" not in explicit
-                      else cfg.dataset)  # the checkpoint's data unless --dataset was typed
+    trained_on = ckpt.get("config", {}).get("dataset", "cifar10")
+    data = load_cifar(cfg.data_dir, cfg.dataset if "dataset" in explicit else trained_on)
     if len(data.classes) != len(model.classes):
         raise UserError(f"{cfg.resume_path()} classifies {len(model.classes)} classes; {cfg.data_dir} holds "
                         f"{len(data.classes)} (another --dataset?)")
@@ -471,7 +478,8 @@ def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
     res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
     tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
     origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")
-    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  ({res['count']} images, {origin})")
+    print(f"test loss {res['loss']:.4f}  test acc {100 * res['acc']:.2f}%{tta}  "
+          f"({res['count']} images, {origin})")
     for name, acc in zip(data.classes, res["per_class"]):
         print(f"  {name:<12} {100 * acc:6.2f}%")
     out = cfg.out or os.path.dirname(cfg.resume_path()) or "."
@@ -488,7 +496,7 @@ def run(argv: list[str] | None = None) -> dict:
     rank, world, local_rank = distributed.setup(cfg.device)
     try:
         result, stop = train(cfg, rank, world, local_rank, explicit_flags(argv)), None
-    except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: all ranks agreed
+    except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: agreed
         result, stop = None, e
     except BaseException:
         distributed.teardown(world, together=False)
