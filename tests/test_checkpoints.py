@@ -179,15 +179,12 @@ def test_a_run_written_by_the_old_code_loads_and_resumes(tiny_folder, tmp_path):
 # ---- kuangliu/pytorch-cifar's checkpoints, and predicting from raw images
 
 
-class KuangliuBlock(nn.Module):
-    """An independent copy of that repository's BasicBlock (its models/resnet.py, read, not imported)."""
+class KuangliuBlock(PortBlock):
+    """That repository's BasicBlock (its models/resnet.py, read, not imported): the same residual branch as the
+    port's, with a projection shortcut (1x1 conv + BN) where the shape changes."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
