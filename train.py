@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=4 train.py ...         # DDP: --batch-size and --lr are the global batch's
 
 Writes to the run dir: config.json, metrics.jsonl (one line per epoch), last.pt (every epoch, and every
---save-every-steps steps), best.pt (only with --val-split, chosen on validation accuracy), curves.png.
+--save-every-steps steps), best.pt (only with --val-split, chosen on validation accuracy), curves.png, and the
+final model's confusion.png and mistakes.png. --dataset cifar100 trains on CIFAR-100.
 """
 
 from __future__ import annotations
