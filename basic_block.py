@@ -37,9 +37,9 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 class ZeroPadShortcut(nn.Module):
     """Option A: x[:, :, ::s, ::s] between zero channels, so the addition has matching shapes for free.
 
-    The paper leaves open where the zeros go; like the most used CIFAR port (akamaster/pytorch_resnet_cifar10) we
-    split them evenly, 16 -> 32 channels = 8 zero, the 16 subsampled, 8 zero, so its published nets compute the
-    same function here. An odd count puts the extra zero channel after.
+    The paper leaves open where the zeros go; like the most used CIFAR port (akamaster/pytorch_resnet_cifar10)
+    we split them evenly, 16 -> 32 channels = 8 zero, the 16 subsampled, 8 zero, so its published nets compute
+    the same function here. An odd count puts the extra zero channel after.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):

@@ -13,27 +13,29 @@ import torch
 
 from resnet import MODEL_NAMES, is_plain
 
-# The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at 64k,
-# on a 45k/5k split. 45,000 // 128 = 351 steps per epoch: 32k/351 = 91.2, 48k/351 = 136.8, 64k/351 = 182.3 epochs.
+# The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at
+# 64k, on a 45k/5k split. 45,000 // 128 = 351 steps per epoch: 32k, 48k, 64k = 91.2, 136.8, 182.3 epochs.
 RECIPES = {
     "default": {},
     "paper": dict(epochs=182, milestones=[91.2, 136.8], lr=0.1, batch_size=128, momentum=0.9, nesterov=False,
                   weight_decay=1e-4, label_smoothing=0.0, warmup_epochs=0.0, val_split=5000),
-    # Time to accuracy (README, "Speed"): fewer epochs, a higher peak, and a linear decay to zero instead of steps.
+    # Time to accuracy (README, "Speed"): fewer epochs, a higher peak, a linear decay to zero, not steps.
     "fast": dict(epochs=20, schedule="linear", lr=0.2, warmup_epochs=2.0),
 }
 
 
 def _section(name: str, runtime: bool = False):
-    """A field factory for one group of flags (a header in --help). runtime=True: the flag describes this process
-    and its hardware, not the experiment, so a resumed run takes it from the new command line (a run trained with
-    --amp on a GPU resumes, or is evaluated, on a CPU)."""
+    """A field factory for one group of flags (a header in --help). runtime=True: the flag describes this
+    process and its hardware, not the experiment, so a resumed run takes it from the new command line (a run
+    trained with --amp on a GPU resumes, or is evaluated, on a CPU)."""
     def make(default, help: str, **argparse_kw):
-        return field(default=default, metadata={"help": help, "section": name, "runtime": runtime, **argparse_kw})
+        meta = {"help": help, "section": name, "runtime": runtime, **argparse_kw}
+        return field(default=default, metadata=meta)
     return make
 
 
-_model, _optim, _sched, _data = _section("model"), _section("optimisation"), _section("schedule"), _section("data")
+_model, _optim, _sched = _section("model"), _section("optimisation"), _section("schedule")
+_data = _section("data")
 _rundir, _process = _section("run directory"), _section("hardware and process", runtime=True)
 
 
@@ -52,8 +54,8 @@ class Config:
     width: int = _model(16, "width of the first stage (ResNet-18: 16 -> 16/32/64/128)")
     zero_init_residual: bool = _model(False, "start each residual block as the identity")
     # optimisation
-    epochs: int = _optim(50, "training epochs; with --resume a larger value extends the run (its schedule becomes "
-                             "that of a run started with the new --epochs)")
+    epochs: int = _optim(50, "training epochs; with --resume a larger value extends the run (its schedule "
+                             "becomes that of a run started with the new --epochs)")
     batch_size: int = _optim(128, "global batch size (split evenly across torchrun ranks)")
     lr: float = _optim(0.1, "peak learning rate, for the global batch")
     momentum: float = _optim(0.9, "SGD momentum")
@@ -61,22 +63,22 @@ class Config:
     weight_decay: float = _optim(5e-4, "L2 weight decay")
     label_smoothing: float = _optim(0.1, "label smoothing of the cross-entropy, in [0, 1)")
     # schedule
-    schedule: str = _sched("step", "after warm-up: step (x --gamma at each milestone) or linear (straight down to 0 "
-                                   "at the last step)", choices=("step", "linear"))
-    milestones: list[float] | None = _sched(None, "epochs at which the lr is multiplied by --gamma (default: 50%% and "
-                                                  "75%% of --epochs)", nargs="+")
+    schedule: str = _sched("step", "after warm-up: step (x --gamma at each milestone) or linear (straight "
+                                   "down to 0 at the last step)", choices=("step", "linear"))
+    milestones: list[float] | None = _sched(None, "epochs at which the lr is multiplied by --gamma (default: "
+                                                  "50%% and 75%% of --epochs)", nargs="+")
     gamma: float = _sched(0.1, "lr factor at each milestone")
-    warmup_epochs: float | None = _sched(None, "lr warm-up length, in epochs (fractions allowed); default 1 epoch, at "
-                                               "most 20%% of --epochs")
+    warmup_epochs: float | None = _sched(None, "lr warm-up length, in epochs (fractions allowed); default 1 "
+                                               "epoch, at most 20%% of --epochs")
     warmup: str = _sched("linear", "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's "
                                    "ResNet-110 trick)", choices=("linear", "constant"))
     recipe: str = _sched("default", "preset, whose values explicit flags override: " + "; ".join(
         f"{name}: " + (", ".join(f"{k} {v}" for k, v in preset.items()) or "the defaults")
         for name, preset in RECIPES.items()), choices=tuple(RECIPES))
     # data
-    dataset: str = _data("cifar10", "cifar10 or cifar100: which torchvision folder --data-dir holds (downloaded when "
-                                    "missing) and, for cifar100, its own mean/std; class folders work for either",
-                         choices=("cifar10", "cifar100"))
+    dataset: str = _data("cifar10", "cifar10 or cifar100: which torchvision folder --data-dir holds "
+                                    "(downloaded when missing) and, for cifar100, its own mean/std; class "
+                                    "folders work for either", choices=("cifar10", "cifar100"))
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -93,10 +95,13 @@ class Config:
                                 "evaluation is fp32")
     channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
     compile: bool = _process(False, "torch.compile the training model")
-    sync_bn: bool = _process(False, "BatchNorm statistics of the global batch across torchrun processes (CPU or CUDA)")
-    deterministic: bool = _process(False, "deterministic kernels (slower on CUDA; no cudnn.benchmark); sets PyTorch's "
-                                          "deterministic mode to this value. CPU runs are deterministic anyway")
-    tta: bool = _process(False, "also report test accuracy with flip test-time augmentation (logged as test_acc_tta)")
+    sync_bn: bool = _process(False, "BatchNorm statistics of the global batch across torchrun processes (CPU "
+                                    "or CUDA)")
+    deterministic: bool = _process(False, "deterministic kernels (slower on CUDA; no cudnn.benchmark); "
+                                          "sets PyTorch's deterministic mode to this value. CPU runs are "
+                                          "deterministic anyway")
+    tta: bool = _process(False, "also report test accuracy with flip test-time augmentation (logged as "
+                                "test_acc_tta)")
     save_every_steps: int = _process(0, "also checkpoint every N steps inside an epoch")
     log_every: int = _process(20, "steps between progress updates and non-finite checks")
     progress: bool = _process(True, "tqdm progress bar")
@@ -130,9 +135,11 @@ class Config:
         if "out" in explicit and os.path.abspath(now.out) != cfg.out:
             differ.append("out")
         if differ:
-            flags = ", ".join(f"--{k.replace('_', '-')} {getattr(now, k)} (run: {getattr(cfg, k)})" for k in differ)
-            raise UserError(f"--resume continues the run as it was configured; these flags differ from it: {flags}. "
-                            "Only a larger --epochs can change; start a new run (--out) for the others")
+            flags = ", ".join(f"--{k.replace('_', '-')} {getattr(now, k)} (run: {getattr(cfg, k)})"
+                              for k in differ)
+            raise UserError(f"--resume continues the run as it was configured; these flags differ from it: "
+                            f"{flags}. Only a larger --epochs can change; start a new run (--out) for the "
+                            "others")
         return cfg
 
     def check_data(self, n_train: int, world: int) -> None:
@@ -142,7 +149,8 @@ class Config:
         if self.val_split >= n:
             raise UserError(f"--val-split {self.val_split} leaves no training images out of {n}")
         if n - self.val_split < self.batch_size:
-            raise UserError(f"{n - self.val_split} training images are fewer than one batch of {self.batch_size}")
+            raise UserError(f"{n - self.val_split} training images are fewer than one batch of "
+                            f"{self.batch_size}")
 
 
 # The process's flags (section "hardware and process"): a resumed run takes them from the new command line.
@@ -157,8 +165,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_script(prog: str, main, argv: list[str] | None, errors: tuple[type[Exception], ...]):
-    """main(argv), with a user mistake (one of `errors`) reported as one line and its exit code (2 unless it carries
-    another), and Ctrl-C as "interrupted", exit 130. What a script saved before stays saved."""
+    """main(argv), with a user mistake (one of `errors`) reported as one line and its exit code (2 unless it
+    carries another), and Ctrl-C as "interrupted", exit 130. What a script saved before stays saved."""
     try:
         return main(argv)
     except errors as e:
@@ -183,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
         else:
-            group.add_argument(flag, type={"str": str, "int": int, "float": float, "list[float]": float}[kind],
-                               default=f.default, **kw)
+            types = {"str": str, "int": int, "float": float, "list[float]": float}
+            group.add_argument(flag, type=types[kind], default=f.default, **kw)
     return p
 
 
@@ -243,7 +251,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
     if cfg.sync_bn and world == 1:
-        raise UserError("--sync-bn shares BatchNorm statistics across torchrun processes; this run is one process")
+        raise UserError("--sync-bn shares BatchNorm statistics across torchrun processes; this run is one "
+                        "process")
     if cfg.amp and device.type != "cuda":
         raise UserError("--amp (bf16 autocast) is for CUDA; drop it on CPU")
     if cfg.amp and not torch.cuda.is_bf16_supported():  # fp16 would need a GradScaler; bf16 needs none

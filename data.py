@@ -1,15 +1,16 @@
-"""CIFAR-10 as uint8 tensors, and a training loader that augments whole batches with tensor ops.
+"""CIFAR-10 (or CIFAR-100) as uint8 tensors, and a training loader that augments whole batches at once.
 
 Sources (one --data-dir):
-  - torchvision's CIFAR10 layout: <dir>/cifar-10-batches-py (downloaded there when missing and the machine is online);
+  - torchvision's layout: <dir>/cifar-10-batches-py or <dir>/cifar-100-python (downloaded there when missing
+    and the machine is online);
   - an image-folder tree: <dir>/train/<class>/*.{jpg,png}, <dir>/test/<class>/*, classes in sorted order
     (CINIC-10, Kaggle exports, or the shared JPEG copy once extracted).
 Either is decoded once into uint8 tensors and cached beside the data (<dir>/cifar10-uint8-cache.pt).
 
-The loader keeps its split on the training device as uint8 (airbench's trick): per-sample random crop with 4-pixel
-zero padding, horizontal flip and normalisation happen as one gather and one fused multiply-add per batch.
-No PIL, no worker processes. Every epoch's order and augmentation are a pure function of (seed, epoch), so a
-resumed run replays exactly the batches it would have seen.
+The loader keeps its split on the training device as uint8 (airbench's trick): per-sample random crop with
+4-pixel zero padding, horizontal flip and normalisation happen as one gather and one fused multiply-add per
+batch. No PIL, no worker processes. Every epoch's order and augmentation are a pure function of (seed, epoch),
+so a resumed run replays exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the 50,000 training images' pixels
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel standard deviation (not the oft-copied 0.2023, 0.1994, 0.2010)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # their pixel std (not the oft-copied 0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CACHE_SUFFIX = "-uint8-cache.pt"  # <data-dir>/cifar10-uint8-cache.pt, cifar100-uint8-cache.pt
@@ -51,8 +52,8 @@ class Cifar:
 
 
 def pixel_stats(x: torch.Tensor, chunk: int = 5000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, 3, H, W), in [0, 1] units, summed in chunks (no float copy of
-    the whole set)."""
+    """Per-channel mean and std of uint8 images (N, 3, H, W), in [0, 1] units, summed in chunks (no float copy
+    of the whole set)."""
     s = torch.zeros(3, dtype=torch.float64)
     s2 = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(x), chunk):
@@ -65,7 +66,7 @@ def pixel_stats(x: torch.Tensor, chunk: int = 5000) -> tuple[tuple[float, ...], 
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-# ----------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------------- reading
 
 
 def _read_torchvision(data_dir: str, download: bool, dataset: str = "cifar10") -> Cifar:
@@ -85,10 +86,12 @@ def _read_torchvision(data_dir: str, download: bool, dataset: str = "cifar10") -
     except RuntimeError as e:  # "Dataset not found or corrupted"
         raise DataError(f"{data_dir}/{TORCHVISION_DIRS[dataset]}: {e}") from None
     except OSError as e:  # no network
-        raise DataError(f"could not download {name} into {data_dir} ({e.__class__.__name__}); pass --data-dir with "
-                        f"a local copy ({TORCHVISION_DIRS[dataset]} or train/ and test/ folders)") from None
+        raise DataError(f"could not download {name} into {data_dir} ({e.__class__.__name__}); pass "
+                        f"--data-dir with a local copy ({TORCHVISION_DIRS[dataset]} or train/ and test/ "
+                        "folders)") from None
     except (KeyError, pickle.UnpicklingError, EOFError, ValueError):
-        raise DataError(f"{data_dir}/{TORCHVISION_DIRS[dataset]} is not in torchvision's {name} format") from None
+        raise DataError(f"{data_dir}/{TORCHVISION_DIRS[dataset]} is not in torchvision's {name} format") \
+            from None
     if dataset == "cifar100":  # its own statistics, from its training pixels
         return Cifar(train_x, train_y, test_x, test_y, classes, *pixel_stats(train_x))
     return Cifar(train_x, train_y, test_x, test_y, classes)
@@ -132,8 +135,9 @@ def _read_image_folder(data_dir: str) -> Cifar:
 
 
 def detect_layout(data_dir: str, download: bool = True, dataset: str = "cifar10") -> str:
-    """"torchvision" (its cifar-10-batches-py/ or cifar-100-python/, or a missing or empty directory torchvision may
-    download into) or "folder" (train/ and test/ class folders); anything else is a DataError."""
+    """"torchvision" (its cifar-10-batches-py/ or cifar-100-python/, or a missing or empty directory
+    torchvision may download into) or "folder" (train/ and test/ class folders); anything else is a DataError.
+    """
     batches = TORCHVISION_DIRS[dataset]
     if os.path.isdir(os.path.join(data_dir, batches)):
         return "torchvision"
@@ -142,12 +146,13 @@ def detect_layout(data_dir: str, download: bool = True, dataset: str = "cifar10"
     if os.path.isdir(data_dir) and os.listdir(data_dir):
         raise DataError(f"{data_dir} holds neither {batches}/ nor train/ and test/ class folders")
     if not download:
-        raise DataError(f"data directory {data_dir} {'is empty' if os.path.isdir(data_dir) else 'does not exist'}")
+        state = "is empty" if os.path.isdir(data_dir) else "does not exist"
+        raise DataError(f"data directory {data_dir} {state}")
     return "torchvision"
 
 
 def _signature(data_dir: str, top: str) -> str:
-    """Cheap fingerprint of the source files under top (names, sizes, mtimes): the cache is stale when it changes."""
+    """Cheap fingerprint of the files under top (names, sizes, mtimes): the cache is stale when it changes."""
     h = hashlib.sha1(os.path.relpath(top, data_dir).encode())
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
@@ -164,9 +169,11 @@ def load_cifar10(data_dir: str, download: bool = True, use_cache: bool = True) -
     return load_cifar(data_dir, "cifar10", download, use_cache)
 
 
-def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, use_cache: bool = True) -> Cifar:
-    """Read CIFAR-10 or CIFAR-100 (torchvision's pickled batches, or train/ and test/ class folders of any number of
-    classes) from data_dir as uint8 tensors, through the cache beside it (<data-dir>/<dataset>-uint8-cache.pt)."""
+def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, use_cache: bool = True) \
+        -> Cifar:
+    """Read CIFAR-10 or CIFAR-100 (torchvision's pickled batches, or train/ and test/ class folders of any
+    number of classes) from data_dir as uint8 tensors, through the cache beside it
+    (<data-dir>/<dataset>-uint8-cache.pt)."""
     layout = detect_layout(data_dir, download, dataset)
     cache = os.path.join(data_dir, dataset + CACHE_SUFFIX)
     top = os.path.join(data_dir, TORCHVISION_DIRS[dataset]) if layout == "torchvision" else data_dir
@@ -181,7 +188,10 @@ def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, u
             pass  # stale or broken cache: rebuild it
     existed = os.path.isdir(data_dir)
     try:
-        data = _read_image_folder(data_dir) if layout == "folder" else _read_torchvision(data_dir, download, dataset)
+        if layout == "folder":
+            data = _read_image_folder(data_dir)
+        else:
+            data = _read_torchvision(data_dir, download, dataset)
     except DataError:
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)  # a failed download leaves no empty directory behind
@@ -199,18 +209,20 @@ def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, u
 
 
 def split_indices(n: int, subset: int | None, val_split: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices: a seeded random subset of n images (all when subset is None), val carved from it."""
+    """(train, val) indices: a seeded random subset of n images (all if subset is None), val taken from it."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if subset is not None:
         perm = perm[:subset]
     return perm[val_split:], perm[:val_split]
 
 
-# ----------------------------------------------------------------------------------------------- augmentation
+# -------------------------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:
-    """Random crop of the zero-padded image at offsets (dx, dy) in [0, 2*pad], mirrored where flip: one gather.
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD) \
+        -> torch.Tensor:
+    """Random crop of the zero-padded image at offsets (dx, dy) in [0, 2*pad], mirrored where flip:
+    one gather.
 
     x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, H, W) uint8.
     """
@@ -219,7 +231,7 @@ def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Ten
     ar_h = torch.arange(H, device=x.device)
     ar_w = torch.arange(W, device=x.device)
     rows = dy[:, None] + ar_h  # (B, H)
-    cols = dx[:, None] + torch.where(flip[:, None].bool(), W - 1 - ar_w, ar_w)  # (B, W), reversed when flipped
+    cols = dx[:, None] + torch.where(flip[:, None].bool(), W - 1 - ar_w, ar_w)  # (B, W), reversed if flipped
     b = torch.arange(B, device=x.device)[:, None, None, None]
     c = torch.arange(C, device=x.device)[None, :, None, None]
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
@@ -227,13 +239,14 @@ def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Ten
 
 @functools.lru_cache(maxsize=8)
 def _affine(mean: tuple, std: tuple, device: torch.device, uint8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with x * scale + shift = (x / 255 - mean) / std, built once per device (no copy per batch)."""
+    """(scale, shift) with x * scale + shift = (x / 255 - mean) / std, built once per device."""
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     return (1.0 / ((255.0 if uint8 else 1.0) * std_t)).to(device), (-mean_t / std_t).to(device)
 
 
-def normalize(x: torch.Tensor, channels_last: bool = False, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+def normalize(x: torch.Tensor, channels_last: bool = False, mean=CIFAR10_MEAN, std=CIFAR10_STD) \
+        -> torch.Tensor:
     """uint8 (B, 3, H, W), or floats in [0, 1] -> float32 standardised with mean/std (default CIFAR-10's)."""
     scale, shift = _affine(tuple(mean), tuple(std), x.device, x.dtype == torch.uint8)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -243,14 +256,15 @@ def normalize(x: torch.Tensor, channels_last: bool = False, mean=CIFAR10_MEAN, s
 class Loader:
     """Batches of one split, held on `device` as uint8.
 
-    train=True: every epoch a fresh seeded permutation with crop + flip, only full global batches (so every rank of a
-    DDP run takes the same number of steps); rank r takes its slice of each global batch.
-    train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly once.
+    train=True: every epoch a fresh seeded permutation with crop + flip, only full global batches (so every
+    rank of a DDP run takes the same number of steps); rank r takes its slice of each global batch.
+    train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
+    once.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str, train: bool,
-                 seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False, crop_flip: bool = True,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
+                 crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
@@ -272,10 +286,10 @@ class Loader:
                 idx = idx_all[i:i + self.batch_size]
                 yield normalize(self.x[idx], self.channels_last, self.mean, self.std), self.y[idx]
             return
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # CPU generator: same stream on any device
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # on the CPU: the same on any device
         n = len(self.x)
         perm = torch.randperm(n, generator=g).to(self.device)
-        dx, dy = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)  # crop offsets, padded image
+        dx, dy = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)  # crop offsets
         flip = torch.randint(0, 2, (n,), generator=g).to(self.device)
         local = self.batch_size // self.world
         for step in range(start, len(self)):

@@ -1,6 +1,8 @@
-"""torchrun: the process group, ranks agreeing on setup failures, signals and BN statistics, and a small sync-BN.
+"""torchrun: the process group, ranks agreeing on setup failures, signals and BN statistics, and a small
+sync-BN.
 
-Every helper is a no-op (or the plain single-process answer) when world == 1, so train.py calls them unconditionally.
+Every helper is a no-op (or the plain single-process answer) when world == 1, so train.py calls them
+unconditionally.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def setup(device_flag: str) -> tuple[int, int, int]:
 
 
 def teardown(world: int, together: bool) -> None:
-    """Leave the process group. together: every rank stopped at the same point (the run finished, or a stop or an
-    error they agreed on), so they first wait for each other and no rank closes its connections while another still
-    uses them."""
+    """Leave the process group. together: every rank stopped at the same point (the run finished, or a stop or
+    an error they agreed on), so they first wait for each other and no rank closes its connections while
+    another still uses them."""
     if world > 1:
         if together:
             dist.barrier()
@@ -42,9 +44,10 @@ def teardown(world: int, together: bool) -> None:
 
 
 def exit_together(world: int, code: int) -> None:
-    """End a torchrun process that stops for a signal, once every rank is here (its checkpoint is saved): os._exit
-    without destroying the process group or finalizing the interpreter, where gloo's threads sometimes abort the
-    process ("terminate called without an active exception", about 1 stop in 25 on this CPU)."""
+    """End a torchrun process that stops for a signal, once every rank is here (its checkpoint is saved):
+    os._exit without destroying the process group or finalizing the interpreter, where gloo's threads
+    sometimes abort the process ("terminate called without an active exception", about 1 stop in 25 on this
+    CPU)."""
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -52,8 +55,9 @@ def exit_together(world: int, code: int) -> None:
 
 
 def agree(error: str | None, world: int) -> None:
-    """Called by every rank after a setup step with its own outcome (None: fine). If any rank failed, every rank
-    raises SetupError with the first failure's message, instead of the others waiting for it until a timeout."""
+    """Called by every rank after a setup step with its own outcome (None: fine). If any rank failed, every
+    rank raises SetupError with the first failure's message, instead of the others waiting for it until a
+    timeout."""
     errors = [error]
     if world > 1:
         errors = [None] * world
@@ -88,7 +92,7 @@ def broadcast_buffers(model: nn.Module, world: int) -> None:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) that autograd can pass through: the gradient of a sum over ranks is the sum of gradients."""
+    """all_reduce(SUM) through autograd: the gradient of a sum over ranks is the sum of the gradients."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -105,15 +109,16 @@ class _AllReduceSum(torch.autograd.Function):
 
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d with the statistics of the global batch in training: one differentiable all-reduce of the
-    per-channel sum, sum of squares and count per layer, and no host sync (PyTorch's SyncBatchNorm indexes with a
-    boolean mask, about three syncs per layer and step, and refuses CPU). In eval mode, or alone, it is BatchNorm2d.
+    per-channel sum, sum of squares and count per layer, and no host sync (PyTorch's SyncBatchNorm indexes
+    with a boolean mask, about three syncs per layer and step, and refuses CPU). In eval mode, or alone, it is
+    BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
         C = x.shape[1]
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least (also under --amp)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least (also --amp)
         local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), xf.numel() // C)])
         total = _AllReduceSum.apply(local)  # (2C + 1,): sums over all ranks
         n = total[2 * C]

@@ -3,8 +3,8 @@
     model = torch.hub.load("path/to/this/repo", "resnet56", source="local", pretrained=True)
     model.predict(uint8_images)  # class indices; model.classes names them
 
-pretrained=False builds the untrained net (keyword arguments go to resnet.build_model: num_classes, width, ...).
-pretrained=True loads the weights shipped in weights/ (no network), where there are some; elsewhere it refuses.
+pretrained=False builds the untrained net (keyword arguments go to resnet.build_model: num_classes, width,
+...). pretrained=True loads the weights shipped in weights/ (no network) where there are some, else refuses.
 """
 
 import os
@@ -26,7 +26,8 @@ def _entry_point(name: str):
             have = ", ".join(sorted(PRETRAINED))
             raise ValueError(f"no trained weights ship for {name}; pretrained=True is available for: {have}")
         if kwargs:
-            raise ValueError(f"pretrained=True loads the shipped {name} as trained; it takes no {', '.join(kwargs)}")
+            raise ValueError(f"pretrained=True loads the shipped {name} as trained; it takes no "
+                             f"{', '.join(kwargs)}")
         from runs import load_model  # imported on use: hub's listing of entry points stays light
 
         return load_model(os.path.join(WEIGHTS_DIR, PRETRAINED[name]))

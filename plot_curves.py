@@ -1,10 +1,10 @@
-"""The figures of a run: loss and accuracy curves from metrics.jsonl, and pictures of what a trained model gets
-wrong (confusion.png, mistakes.png), which train.py writes at the end of training and with --eval-only.
+"""The figures of a run: loss and accuracy curves from metrics.jsonl, and pictures of what a trained model
+gets wrong (confusion.png, mistakes.png), which train.py writes at the end of training and with --eval-only.
 
     python plot_curves.py runs/resnet18-... [runs/other ...] [-o curves.png] [--x epoch|time]
 
-Train figures (dashed) are running means over each epoch's augmented batches; test (solid) and validation (dotted)
-are measured after the epoch. Works on the partial log of a job that is still running.
+Train figures (dashed) are running means over each epoch's augmented batches; test (solid) and validation
+(dotted) are measured after the epoch. Works on the partial log of a job that is still running.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None, x:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- a trained model
+# ----------------------------------------------------------------------------------------- a trained model
 
 
 @torch.no_grad()
@@ -68,7 +68,8 @@ def predictions(model, images: torch.Tensor, batch: int = 500) -> tuple[torch.Te
     device = next(model.parameters()).device
     preds, probs = [], []
     for i in range(0, len(images), batch):
-        p = torch.softmax(model(model.normalize(images[i:i + batch].to(device))).float(), 1)  # (b, num_classes)
+        logits = model(model.normalize(images[i:i + batch].to(device))).float()  # (b, num_classes)
+        p = torch.softmax(logits, 1)
         prob, pred = p.max(1)
         preds.append(pred.cpu())
         probs.append(prob.cpu())
@@ -77,7 +78,8 @@ def predictions(model, images: torch.Tensor, batch: int = 500) -> tuple[torch.Te
 
 def confusion_matrix(true: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """counts[t, p]: test images of class t predicted as p."""
-    return torch.bincount(true * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    counts = torch.bincount(true * num_classes + pred, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
 
 
 def plot_confusion(counts: torch.Tensor, classes: list[str], path: str, title: str = "") -> str:
@@ -113,8 +115,8 @@ def plot_confusion(counts: torch.Tensor, classes: list[str], path: str, title: s
 
 def plot_mistakes(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, prob: torch.Tensor,
                   classes: list[str], path: str, n: int = 24) -> list[int]:
-    """The n test images the model gets most confidently wrong, each titled "true → predicted (p)". Returns their
-    indices."""
+    """The n test images the model gets most confidently wrong, each titled "true → predicted (p)". Returns
+    their indices."""
     from matplotlib.figure import Figure
 
     wrong = (pred != true).nonzero().flatten()
@@ -128,16 +130,16 @@ def plot_mistakes(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, 
     for ax, i in zip(axes, worst):
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(f"{classes[true[i]]} → {classes[pred[i]]} ({prob[i]:.2f})", fontsize=8)
-    fig.suptitle(f"the {len(worst)} most confident mistakes of {len(wrong)} (true → predicted (probability))",
-                 fontsize=10)
+    fig.suptitle(f"the {len(worst)} most confident mistakes of {len(wrong)} "
+                 "(true → predicted (probability))", fontsize=10)
     fig.savefig(path, dpi=110)
     return worst
 
 
 def plot_model_pictures(model, images: torch.Tensor, labels: torch.Tensor, classes: list[str], out_dir: str,
                         title: str = "") -> torch.Tensor:
-    """confusion.png and mistakes.png of a trained model on a test set (raw uint8 images) in out_dir. Returns the
-    confusion counts."""
+    """confusion.png and mistakes.png of a trained model on a test set (raw uint8 images) in out_dir. Returns
+    the confusion counts."""
     pred, prob = predictions(model, images)
     counts = confusion_matrix(labels, pred, len(classes))
     plot_confusion(counts, classes, os.path.join(out_dir, "confusion.png"), title)
@@ -148,9 +150,9 @@ def plot_model_pictures(model, images: torch.Tensor, labels: torch.Tensor, class
 def main(argv: list[str] | None = None) -> str:
     p = Parser(prog="plot_curves.py", description="Plot loss/accuracy curves of train.py runs.")
     p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
-    p.add_argument("-o", "--out", default=None, help="output image (default: curves.png in the first run dir)")
+    p.add_argument("-o", "--out", default=None, help="output image (default: the first run's curves.png)")
     p.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run")
-    p.add_argument("--x", choices=("epoch", "time"), default="epoch", help="x axis: epochs or wall-clock seconds")
+    p.add_argument("--x", choices=("epoch", "time"), default="epoch", help="x axis: epochs or seconds")
     p.add_argument("--title", default=None, help="figure title")
     args = p.parse_args(argv)
     for run in args.runs:
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> str:
             p.exit(2, f"plot_curves.py: error: {run} has no metrics.jsonl\n")
     if args.labels and len(args.labels) != len(args.runs):
         p.exit(2, "plot_curves.py: error: give one --labels entry per run\n")
-    out = plot_runs(args.runs, args.out or os.path.join(args.runs[0], "curves.png"), args.labels, args.x, args.title)
+    out = args.out or os.path.join(args.runs[0], "curves.png")
+    plot_runs(args.runs, out, args.labels, args.x, args.title)
     print(out)
     return out
 

@@ -15,9 +15,9 @@ arXiv:1512.03385. Section 4.2 defines the CIFAR family; ResNet-18/34 follow Tabl
 | resnet110 | 110    | 16, 32, 64      | 18, 18, 18   | zeropad    | 1,727,962                            |
 | plainNN   | NN     | as resnetNN     | as resnetNN  | none       | plain18 690,266, plain34 1,323,418   |
 
-The CIFAR plain nets have exactly their twins' parameters (option A adds none); the ResNet-18/34 pairs differ by
-their projection shortcuts. Layers count the weighted layers on the main path: stem conv + 2 per block + the
-classifier (6n+2 for the CIFAR family). `python resnet.py` prints this table from the code.
+The CIFAR plain nets have exactly their twins' parameters (option A adds none); the ResNet-18/34 pairs differ
+by their projection shortcuts. Layers count the weighted layers on the main path: stem conv + 2 per block +
+the classifier (6n+2 for the CIFAR family). `python resnet.py` prints this table from the code.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ResNet(nn.Module):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
         if zero_init_residual and shortcut == "none":
-            # gamma = 0 on the last BN of a plain block zeroes its output: the whole net would output a constant.
+            # gamma = 0 on the last BN of a plain block zeroes its output: the net would output a constant.
             raise ValueError("zero_init_residual is for residual nets; on a plain net it zeroes every block")
         self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -90,8 +90,8 @@ class ResNet(nn.Module):
 
     @torch.no_grad()
     def predict(self, images) -> torch.Tensor:
-        """Class indices for raw images: uint8 (B, 3, H, W) or one (3, H, W), a tensor or a numpy array, as read
-        from files; model.classes[i] names them. Evaluates in eval mode, on the model's device."""
+        """Class indices for raw images: uint8 (B, 3, H, W) or one (3, H, W), a tensor or a numpy array, as
+        read from files; model.classes[i] names them. Evaluates in eval mode, on the model's device."""
         x = torch.as_tensor(images)
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -111,7 +111,7 @@ class ResNet(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
-# ----------------------------------------------------------------------------------------------- the named nets
+# ----------------------------------------------------------------------------------------- the named nets
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,15 @@ def model_depth(name: str) -> int:
 
 def build_model(name: str, num_classes: int = 10, width: int = 16, shortcut: str | None = None,
                 zero_init_residual: bool = False) -> ResNet:
-    """Build a registered net by name (MODEL_NAMES); a residual net may take another shortcut, a plain net none."""
+    """Build a registered net (MODEL_NAMES); a residual net may take another shortcut, a plain net none."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     arch = ARCHS[name.replace("plain", "resnet")]
     if is_plain(name) and shortcut not in (None, "none"):
         raise ValueError(f"{name} is a plain net; it takes no shortcut")
     shortcut = "none" if is_plain(name) else shortcut or arch.shortcut
-    return ResNet(list(arch.blocks), [m * width for m in arch.widths], num_classes, shortcut, zero_init_residual)
+    widths = [m * width for m in arch.widths]
+    return ResNet(list(arch.blocks), widths, num_classes, shortcut, zero_init_residual)
 
 
 def ResNet18(num_classes: int = 10, width: int = 16, shortcut: str = "projection", **kw) -> ResNet:
@@ -166,7 +167,8 @@ def ResNet34(num_classes: int = 10, width: int = 16, shortcut: str = "projection
                        None if shortcut == "none" else shortcut, **kw)
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, shortcut: str = "zeropad", **kw) -> ResNet:
+def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, shortcut: str = "zeropad", **kw) \
+        -> ResNet:
     """The paper's section 4.2 nets: 6n+2 layers, three stages of n blocks at widths 16, 32, 64."""
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -178,12 +180,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------- trained nets
+# ----------------------------------------------------------------------------------------- trained nets
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model, in eval mode, from a train.py checkpoint or a pytorch_resnet_cifar10 one: runs.load_model,
-    here too so that `from resnet import ResNet18, load_model` is all a notebook needs."""
+    """A trained model, in eval mode, from a train.py checkpoint or a pytorch_resnet_cifar10 one:
+    runs.load_model, here too so that `from resnet import ResNet18, load_model` is all a notebook needs."""
     from runs import load_model as load  # runs.py builds its nets with this module: imported on use
 
     return load(path, map_location)
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = build_model(name).eval()
         with torch.no_grad():
             shape = tuple(model(x).shape)
-        rows.append({"name": name, "depth": model_depth(name), "params": count_parameters(model), "output": shape})
+        rows.append({"name": name, "depth": model_depth(name), "params": count_parameters(model),
+                     "output": shape})
         print(f"{name:<10} {rows[-1]['depth']:>5} {rows[-1]['params']:>11,}  {shape}")
     return rows
 

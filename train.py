@@ -277,7 +277,7 @@ def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: i
         save_atomic(make_checkpoint(state, epoch, step, partial), os.path.join(state.cfg.out, "last.pt"))
 
 
-# ----------------------------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------------------------------- setup
 
 
 class Loaders(NamedTuple):
@@ -350,7 +350,7 @@ def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Co
     return result
 
 
-# ----------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------------- main
 
 
 def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str] = frozenset()) -> dict:
