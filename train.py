@@ -233,9 +233,12 @@ class TrainState:
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
 
 
-def new_state(cfg: Config, classes: list[str], steps_per_epoch: int, device: torch.device) -> TrainState:
+def new_state(cfg: Config, data: Cifar, steps_per_epoch: int, device: torch.device) -> TrainState:
+    """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule."""
+    classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
     model.classes = list(classes)
+    model.normalization = {"mean": list(data.mean), "std": list(data.std)}
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -367,8 +370,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
-    state = new_state(cfg, data.classes, len(loaders.train), device)
-    state.model.normalization = {"mean": list(data.mean), "std": list(data.std)}  # what its loaders feed it
+    state = new_state(cfg, data, len(loaders.train), device)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world, local_rank)
