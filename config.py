@@ -39,6 +39,10 @@ _data = _section("data")
 _rundir, _process = _section("run directory"), _section("hardware and process", runtime=True)
 
 
+IMAGE_SIDE = 32  # CIFAR's images (and the test's); --crop-sizes trains early epochs on smaller crops
+MIN_CROP = 8  # the nets downsample 8x: an 8x8 crop reaches the last stage as 1x1
+
+
 class UserError(Exception):
     """A mistake the user can fix: reported in one line, exit code 2 (1 for a run that failed)."""
 
@@ -62,6 +66,8 @@ class Config:
     nesterov: bool = _optim(True, "Nesterov momentum")
     weight_decay: float = _optim(5e-4, "L2 weight decay")
     label_smoothing: float = _optim(0.1, "label smoothing of the cross-entropy, in [0, 1)")
+    ema: float = _optim(0.0, "evaluate (and save as the trained model) an exponential moving average of the "
+                             "weights with this decay per step, e.g. 0.999; 0: the raw weights")
     # schedule
     schedule: str = _sched("step", "after warm-up: step (x --gamma at each milestone) or linear (straight "
                                    "down to 0 at the last step)", choices=("step", "linear"))
@@ -79,6 +85,12 @@ class Config:
     dataset: str = _data("cifar10", "cifar10 or cifar100: which torchvision folder --data-dir holds "
                                     "(downloaded when missing) and, for cifar100, its own mean/std; class "
                                     "folders work for either", choices=("cifar10", "cifar100"))
+    flip: str = _data("random", "training mirror: random (each image with probability 1/2, every epoch) or "
+                                "alternate (airbench: a seeded half of the images in even epochs, the other "
+                                "half in odd ones)", choices=("random", "alternate"))
+    crop_sizes: list[int] | None = _data(None, "progressive resizing: the side of the training crops of the "
+                                               "first epochs, one value per epoch (e.g. 24 24 28); later "
+                                               "epochs, and the test, take whole 32x32 images", nargs="+")
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -104,6 +116,8 @@ class Config:
                                 "test_acc_tta)")
     save_every_steps: int = _process(0, "also checkpoint every N steps inside an epoch")
     log_every: int = _process(20, "steps between progress updates and non-finite checks")
+    eval_every: int = _process(1, "evaluate on the test (and validation) set every N epochs and after the "
+                                  "last; the epochs between log their training figures only")
     progress: bool = _process(True, "tqdm progress bar")
 
     def warmup_length(self) -> float:
@@ -191,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
         else:
-            types = {"str": str, "int": int, "float": float, "list[float]": float}
+            types = {"str": str, "int": int, "float": float, "list[float]": float, "list[int]": int}
             group.add_argument(flag, type=types[kind], default=f.default, **kw)
     return p
 
@@ -215,12 +229,18 @@ def validate(cfg: Config) -> None:
             raise UserError(msg)
 
     need(cfg.arch in MODEL_NAMES, f"unknown --arch {cfg.arch!r}; valid: {', '.join(MODEL_NAMES)}")
-    for name in ("width", "epochs", "batch_size", "lr", "log_every"):
+    for name in ("width", "epochs", "batch_size", "lr", "log_every", "eval_every"):
         need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
+    need(0 <= cfg.ema < 1, f"--ema is a decay per step in [0, 1), got {cfg.ema}")
+    if cfg.crop_sizes:
+        need(all(MIN_CROP <= c <= IMAGE_SIDE for c in cfg.crop_sizes),
+             f"--crop-sizes must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.crop_sizes}")
+        need(len(cfg.crop_sizes) < cfg.epochs, f"--crop-sizes lists {len(cfg.crop_sizes)} epochs; the run "
+                                               f"has {cfg.epochs}, and its last ones train on whole images")
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")

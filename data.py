@@ -219,19 +219,19 @@ def split_indices(n: int, subset: int | None, val_split: int, seed: int) -> tupl
 # -------------------------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD) \
-        -> torch.Tensor:
-    """Random crop of the zero-padded image at offsets (dx, dy) in [0, 2*pad], mirrored where flip:
-    one gather.
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD,
+            size: int | None = None) -> torch.Tensor:
+    """Random size x size crop (default: the image's own side) of the image zero-padded by `pad`, at offsets
+    (dx, dy) in [0, H + 2*pad - size], mirrored where flip: one gather.
 
-    x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, H, W) uint8.
+    x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, size, size) uint8.
     """
     B, C, H, W = x.shape
+    S = size or H
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    ar_h = torch.arange(H, device=x.device)
-    ar_w = torch.arange(W, device=x.device)
-    rows = dy[:, None] + ar_h  # (B, H)
-    cols = dx[:, None] + torch.where(flip[:, None].bool(), W - 1 - ar_w, ar_w)  # (B, W), reversed if flipped
+    ar = torch.arange(S, device=x.device)
+    rows = dy[:, None] + ar  # (B, S)
+    cols = dx[:, None] + torch.where(flip[:, None].bool(), S - 1 - ar, ar)  # (B, S), reversed if flipped
     b = torch.arange(B, device=x.device)[:, None, None, None]
     c = torch.arange(C, device=x.device)[None, :, None, None]
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
@@ -258,16 +258,23 @@ class Loader:
 
     train=True: every epoch a fresh seeded permutation with crop + flip, only full global batches (so every
     rank of a DDP run takes the same number of steps); rank r takes its slice of each global batch.
+      flip="random": each image mirrored with probability 1/2 every epoch; "alternate" (airbench): a seeded
+      half of the images mirrored in even epochs (0, 2, ...), the other half in odd ones, so every image is
+      seen both ways every two epochs.
+      crop_sizes: progressive resizing, the crop side of epochs 0, 1, ... (e.g. (24, 24, 28)); later epochs,
+      and all when empty, take crops as large as the images.
     train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
     once.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
-                 crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+                 crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip: str = "random",
+                 crop_sizes: tuple[int, ...] = ()):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
+        self.flip, self.crop_sizes = flip, tuple(crop_sizes)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -278,22 +285,37 @@ class Loader:
         n_local = len(range(self.rank, len(self.x), self.world))
         return -(-n_local // self.batch_size)
 
+    def crop_size(self, epoch: int) -> int:
+        return self.crop_sizes[epoch] if epoch < len(self.crop_sizes) else self.x.shape[-1]
+
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """(perm, dx, dy, flip) of `epoch`, each (N,) on the device: the order, and each image's crop offsets
+        and mirroring. A pure function of (seed, epoch), drawn on the CPU: the same on any device."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n, side = len(self.x), self.x.shape[-1]
+        perm = torch.randperm(n, generator=g)
+        dx, dy = torch.randint(0, side + 2 * PAD - self.crop_size(epoch) + 1, (2, n), generator=g)
+        flip = torch.randint(0, 2, (n,), generator=g)
+        if self.flip == "alternate":  # the half flipped in even epochs is drawn once, from the seed alone
+            even = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+            flip = torch.randint(0, 2, (n,), generator=even) ^ (epoch % 2)
+        return tuple(t.to(self.device) for t in (perm, dx, dy, flip))
+
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (inputs float (b, 3, 32, 32), labels (b,)) from step `start` of `epoch`."""
+        """Yield (inputs float (b, 3, S, S), labels (b,)) from step `start` of `epoch`; S is 32 for CIFAR, or
+        the epoch's crop size while resizing."""
         if not self.train:
             idx_all = torch.arange(self.rank, len(self.x), self.world, device=self.device)
             for i in range(start * self.batch_size, len(idx_all), self.batch_size):
                 idx = idx_all[i:i + self.batch_size]
                 yield normalize(self.x[idx], self.channels_last, self.mean, self.std), self.y[idx]
             return
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # on the CPU: the same on any device
-        n = len(self.x)
-        perm = torch.randperm(n, generator=g).to(self.device)
-        dx, dy = torch.randint(0, 2 * PAD + 1, (2, n), generator=g).to(self.device)  # crop offsets
-        flip = torch.randint(0, 2, (n,), generator=g).to(self.device)
-        local = self.batch_size // self.world
+        perm, dx, dy, flip = self.augmentation(epoch)
+        size, local = self.crop_size(epoch), self.batch_size // self.world
         for step in range(start, len(self)):
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
-            xb = augment(self.x[idx], dx[idx], dy[idx], flip[idx]) if self.crop_flip else self.x[idx]
+            xb = self.x[idx]
+            if self.crop_flip:
+                xb = augment(xb, dx[idx], dy[idx], flip[idx], size=size)
             yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]

@@ -44,9 +44,11 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None, x:
         c = colors[i % len(colors)]
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
             for split, style in (("train", "--"), ("test", "-"), ("val", ":")):
-                if f"{split}_{key}" in rows[0]:
-                    ax.plot(xs, [r[f"{split}_{key}"] * scale for r in rows], style, color=c, marker="." if
-                            len(rows) < 30 else None, label=f"{label} {split}")
+                name = f"{split}_{key}"  # test and val are missing from the epochs --eval-every skips
+                pts = [(t, r[name] * scale) for t, r in zip(xs, rows) if name in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=c, marker="." if len(pts) < 30 else None,
+                            label=f"{label} {split}")
     xlabel = "epoch" if x == "epoch" else "training wall-clock time (s)"
     ax_loss.set(title="Cross-entropy loss", xlabel=xlabel, ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel=xlabel, ylabel="accuracy (%)")

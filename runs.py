@@ -9,7 +9,9 @@ and classic.py read. One owner for the format.
 A checkpoint is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
 model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the
 epoch's running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std)
-and rng. Older checkpoints without normalization were all trained on CIFAR-10's.
+and rng; with --ema also ema, the averaged weights, which are the trained model (what was evaluated, and what
+load_model and export_weights take) while model holds the raw ones training resumes from. Older checkpoints
+without normalization were all trained on CIFAR-10's.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
         model = build_model(ckpt["arch"], **ckpt.get("model_kwargs", {}))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
-    load_weights(model, ckpt, path)
+    load_weights(model, ckpt, path, key="ema" if "ema" in ckpt else "model")
     if "normalization" in ckpt:  # older checkpoints: CIFAR-10's, the only one train.py ever used
         model.normalization = {k: [float(v) for v in ckpt["normalization"][k]] for k in ("mean", "std")}
     if "classes" in ckpt:  # the peers' nets: CIFAR-10's, in torchvision's order
@@ -112,9 +114,10 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> ResNet:
     return model
 
 
-def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint") -> None:
+def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint", key: str = "model") -> None:
+    """ckpt[key] into model: "model", the weights training goes on from, or "ema", their average."""
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt[key])
     except RuntimeError:
         raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or "
                               "width?)") from None
@@ -135,7 +138,8 @@ def export_weights(run_path: str, out: str) -> dict:
     ckpt = read_checkpoint(path)
     if "config" not in ckpt:
         raise CheckpointError(f"{path} is not a train.py run")
-    weights = {"arch": ckpt["arch"], "model_kwargs": ckpt["model_kwargs"], "model": ckpt["model"],
+    trained = ckpt.get("ema", ckpt["model"])  # with --ema, the averaged weights were the ones evaluated
+    weights = {"arch": ckpt["arch"], "model_kwargs": ckpt["model_kwargs"], "model": trained,
                "classes": ckpt["classes"], "normalization": ckpt.get("normalization", CIFAR10_NORMALIZATION),
                "epoch": ckpt["epoch"], "source": f"{os.path.dirname(path) or '.'}, epoch {ckpt['epoch']}"}
     save_atomic(weights, out)

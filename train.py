@@ -13,6 +13,7 @@ final model's confusion.png and mistakes.png. --dataset cifar100 trains on CIFAR
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sys
@@ -102,9 +103,34 @@ class EpochSums:
             raise NonFiniteLoss(f"loss became non-finite in {where}")
 
 
+class WeightEMA:
+    """--ema: an exponential moving average of a model's weights and BatchNorm statistics, updated after every
+    optimizer step; evaluated, drawn and exported instead of the raw weights. The decay warms up as
+    min(decay, (1 + t) / (10 + t)) after t steps, so the random init fades within the first hundred steps.
+    (torch.optim.swa_utils.AveragedModel does the same averaging but reads its step count from the device at
+    every update: a host sync per step on a GPU.)"""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(),
+                                                                               *model.buffers()]))
+        self.averaged = [e for e, _ in pairs if e.is_floating_point()]  # weights, BN means and variances
+        self.current = [m.detach() for e, m in pairs if e.is_floating_point()]  # model: the one SGD updates
+        self.counted = [(e, m) for e, m in pairs if not e.is_floating_point()]  # BN's num_batches_tracked
+
+    @torch.no_grad()
+    def update(self, steps: int) -> None:
+        """After optimizer step number `steps` (1-based, global)."""
+        torch._foreach_lerp_(self.averaged, self.current, 1.0 - min(self.decay, steps / (9.0 + steps)))
+        for e, m in self.counted:
+            e.copy_(m)
+
+
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
                     sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
-                    after_step: Callable[[int], None] = lambda step: None) -> None:
+                    after_step: Callable[[int], None] = lambda step: None, ema: WeightEMA | None = None) \
+        -> None:
     """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs
     after each step: train.py's checks, progress, checkpoints and stops (StepPolicy)."""
     model.train()
@@ -116,6 +142,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(scheduler.last_epoch)  # LambdaLR's count of steps taken: the global step
         sums.add(loss, logits, y)
         after_step(step)
 
@@ -231,6 +259,11 @@ class TrainState:
     epoch: int = 0  # epochs done
     step: int = 0  # steps done in the epoch after them
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
+    ema: WeightEMA | None = None  # with --ema
+
+    def trained_model(self) -> nn.Module:
+        """The model evaluated, checkpointed as the result and drawn: the EMA's with --ema."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def new_state(cfg: Config, data: Cifar, steps_per_epoch: int, device: torch.device) -> TrainState:
@@ -244,7 +277,8 @@ def new_state(cfg: Config, data: Cifar, steps_per_epoch: int, device: torch.devi
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
-    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device))
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema)
 
 
 def model_kwargs(cfg: Config, num_classes: int) -> dict:
@@ -260,11 +294,14 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
             "partial": partial or {name: torch.zeros(()) for name in EpochSums.NAMES},
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
-            "rng": {"torch": torch.get_rng_state()}}
+            "rng": {"torch": torch.get_rng_state()},
+            **({"ema": to_cpu(state.ema.module.state_dict())} if state.ema is not None else {})}
 
 
 def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
     load_weights(state.model, ckpt, path)
+    if state.ema is not None:
+        load_weights(state.ema.module, ckpt, path, key="ema")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
@@ -307,7 +344,9 @@ def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, worl
     train_x, train_y = data.train_x[train_idx], data.train_y[train_idx]
     val_x, val_y = data.train_x[val_idx], data.train_y[val_idx]
     val = Loader(val_x, val_y, EVAL_BATCH, train=False, **kw) if cfg.val_split else None
-    return Loaders(train=Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, **kw),
+    train = Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, flip=cfg.flip,
+                   crop_sizes=cfg.crop_sizes or (), **kw)
+    return Loaders(train=train,
                    test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw), val=val)
 
 
@@ -392,7 +431,8 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
             raise UserError(f"{e}; {saved}; try a lower --lr (now {cfg.lr})", code=1) from None
     wall = time.time() - t_start
     if rank == 0 and row:
-        plot_model_pictures(state.model, data.test_x, data.test_y, data.classes, cfg.out, f"{cfg.arch}: ")
+        plot_model_pictures(state.trained_model(), data.test_x, data.test_y, data.classes, cfg.out,
+                            f"{cfg.arch}: ")
     return summarize(cfg, row, state.best_val, wall, rank)
 
 
@@ -414,14 +454,15 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
-                            epoch, state.step, amp=amp, after_step=policy)
+                            epoch, state.step, amp=amp, after_step=policy, ema=state.ema)
         state.epoch, state.step = epoch + 1, 0
         train_seconds, images = time.time() - t0, (sums.count.item() - count0) * world
-        row = epoch_row(state, loaders, world)
+        last = epoch + 1 == cfg.epochs
+        row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
         row.update(epoch_time_s=round(time.time() - t0, 3), images_per_s=round(images / train_seconds, 1))
         if rank == 0:
             save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "last.pt"))
-            if loaders.val is not None and row["val_acc"] > state.best_val:
+            if "val_acc" in row and row["val_acc"] > state.best_val:
                 state.best_val = row["val_acc"]
                 save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "best.pt"))
             append_metrics(os.path.join(out, "metrics.jsonl"), row)
@@ -431,20 +472,23 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
     return row
 
 
-def epoch_row(state: TrainState, loaders: Loaders, world: int) -> dict:
-    """The metrics of the epoch just trained: its training sums over every rank, then the test (and
-    validation) evaluation."""
+def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: bool = True) -> dict:
+    """The metrics of the epoch just trained: its training sums over every rank, then (when evaluate_now) the
+    test and validation evaluation of the trained model (the EMA's with --ema)."""
     sums = state.sums.reduced(world)
-    broadcast_buffers(state.model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
-    test = evaluate(state.model, loaders.test, len(state.classes), world, state.cfg.tta)
     n = sums["count"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
-           "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n,
-           "test_loss": test["loss"], "test_acc": test["acc"]}
+           "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
+    if not evaluate_now:
+        return row
+    model = state.trained_model()
+    broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
+    test = evaluate(model, loaders.test, len(state.classes), world, state.cfg.tta)
+    row.update(test_loss=test["loss"], test_acc=test["acc"])
     if state.cfg.tta:
         row["test_acc_tta"] = test["acc_tta"]
     if loaders.val is not None:
-        val = evaluate(state.model, loaders.val, len(state.classes), world)
+        val = evaluate(model, loaders.val, len(state.classes), world)
         row.update(val_loss=val["loss"], val_acc=val["acc"])
     return row
 

@@ -48,6 +48,11 @@ BAD_FLAGS = [
     (["--epochs", "two"], "invalid int value"),
     (["--schedule", "linear", "--milestones", "1"], "--milestones are for --schedule step"),
     (["--schedule", "cosine"], "invalid choice"),
+    (["--crop-sizes", "24", "40"], "--crop-sizes must lie in [8, 32]"),
+    (["--crop-sizes", "24", "28"], "--crop-sizes lists 2 epochs; the run has 2"),
+    (["--flip", "never"], "invalid choice"),
+    (["--ema", "1"], "--ema is a decay per step in [0, 1)"),
+    (["--eval-every", "0"], "--eval-every must be positive"),
 ]
 
 

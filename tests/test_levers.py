@@ -1,0 +1,132 @@
+"""The time-to-accuracy levers on tiny data: progressive resizing, alternating flip, weight EMA, --eval-every."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import train
+from conftest import assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
+from data import PAD, Loader, augment
+
+
+def bright_left(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose left half is white and right half black: a mirrored crop shows it on the other side."""
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, :, :16] = 255
+    return x, torch.arange(n) % 10
+
+
+def test_smaller_crops_come_from_the_padded_image():
+    x = torch.arange(1, 3 * 32 * 32 + 1).reshape(1, 3, 32, 32)  # every pixel distinct and non-zero
+    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
+    for dx, dy, flip in [(0, 0, 0), (16, 16, 0), (5, 9, 1)]:
+        t = lambda v: torch.tensor([v])
+        out = augment(x, t(dx), t(dy), t(flip), size=24)
+        expect = padded[:, :, dy:dy + 24, dx:dx + 24]
+        assert out.shape == (1, 3, 24, 24)
+        assert torch.equal(out, expect.flip(3) if flip else expect)
+
+
+def test_crop_sizes_give_each_epoch_its_side_and_offsets_cover_the_padded_image():
+    x, y = bright_left(512)
+    loader = Loader(x, y, 128, "cpu", train=True, crop_sizes=(16, 24))
+    for epoch, side in [(0, 16), (1, 24), (2, 32), (5, 32)]:
+        shapes = {tuple(xb.shape) for xb, _ in loader.batches(epoch)}
+        assert shapes == {(128, 3, side, side)}
+        _, dx, dy, _ = loader.augmentation(epoch)
+        assert dx.min() == dy.min() == 0 and dx.max() == dy.max() == 32 + 2 * PAD - side
+    # resuming inside a small-crop epoch replays its batches
+    assert torch.equal(next(loader.batches(0, start=2))[0], list(loader.batches(0))[2][0])
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    x, y = bright_left(1000)
+    alt = Loader(x, y, 100, "cpu", train=True, seed=3, flip="alternate")
+    flips = torch.stack([alt.augmentation(e)[3] for e in range(4)])  # (epoch, image)
+    assert 0.4 < flips[0].float().mean() < 0.6  # a random half in epoch 0...
+    assert torch.equal(flips[1], 1 - flips[0]) and torch.equal(flips[2], flips[0])  # ...the other half next
+    assert torch.equal(flips[3], flips[1])
+    # the batches show it: image i's left edge is bright in exactly one of epochs 0 and 1
+    for epoch in (0, 1):
+        perm = alt.augmentation(epoch)[0]
+        xb = torch.cat([b for b, _ in alt.batches(epoch)])  # (1000, 3, 32, 32) in perm order
+        left_dark = xb[:, 0, 16, 8] < 0  # column 8 comes from columns 4-12 (white) unless mirrored
+        assert torch.equal(left_dark, flips[epoch][perm].bool())
+    rnd = Loader(x, y, 100, "cpu", train=True, seed=3)
+    random_flips = torch.stack([rnd.augmentation(e)[3] for e in range(2)])
+    assert not torch.equal(random_flips[1], 1 - random_flips[0])  # random: no such pairing
+    assert torch.equal(alt.augmentation(1)[0], rnd.augmentation(1)[0])  # the order is the same in both modes
+
+
+def test_weight_ema_follows_its_formula():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = train.WeightEMA(model, decay=0.9)
+    expect = copy.deepcopy(model.state_dict())
+    for step in range(1, 30):
+        model(torch.randn(8, 3))  # BN statistics move
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(step)
+        d = min(0.9, step / (9 + step))
+        for k, v in model.state_dict().items():
+            expect[k] = v.clone() if not v.is_floating_point() else d * expect[k] + (1 - d) * v
+    got = ema.module.state_dict()
+    for k in expect:
+        assert torch.allclose(got[k], expect[k], atol=1e-6), k
+    assert got["1.num_batches_tracked"] == 29 and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_run_evaluates_and_exports_the_averaged_weights(tiny_folder, tmp_path):
+    from runs import export_weights, load_model
+
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--ema", "0.9"))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert not torch.equal(ckpt["ema"]["fc.weight"], ckpt["model"]["fc.weight"])
+    res = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu"])
+    assert res["test_acc"] == metrics(out)[-1]["test_acc"]
+    assert res["test_loss"] == pytest.approx(metrics(out)[-1]["test_loss"], abs=1e-6)
+    assert torch.equal(load_model(str(out / "last.pt")).fc.weight, ckpt["ema"]["fc.weight"])
+    exported = export_weights(str(out), str(tmp_path / "w.pt"))
+    assert torch.equal(exported["model"]["fc.weight"], ckpt["ema"]["fc.weight"])
+
+
+@pytest.mark.parametrize("extra", [["--ema", "0.9"], ["--crop-sizes", "24", "--flip", "alternate"]],
+                         ids=["ema", "resize-alternate"])
+def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypatch, extra):
+    args = ["--epochs", "3", *extra]
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_folder, straight, *args))
+    broken = tmp_path / "broken"
+    with monkeypatch.context() as m:
+        interrupt_at(m, "batches", 0, 2)  # inside epoch 1 (the 24x24 one)
+        with pytest.raises(SystemExit):
+            train.main(tiny_args(tiny_folder, broken, *args))
+    train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
+    assert untimed(metrics(broken)) == untimed(metrics(straight))
+    assert_same_weights(weights(broken), weights(straight))
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (broken, straight))
+    if "ema" in b:
+        assert_same_weights(a["ema"], b["ema"])
+
+
+def test_eval_every_skips_evaluation_between_and_always_evaluates_the_last_epoch(tiny_folder, tmp_path):
+    out = tmp_path / "r"
+    summary = train.main(tiny_args(tiny_folder, out, "--epochs", "5", "--eval-every", "2", "--val-split", "40"))
+    rows = metrics(out)
+    assert [("test_acc" in r, "val_acc" in r) for r in rows] == [(e % 2 == 0 or e == 5,) * 2 for e in range(1, 6)]
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] in (2, 4, 5) and best["best_val_acc"] == max(r["val_acc"] for r in rows if "val_acc" in r)
+    # the training is the same as with an evaluation every epoch
+    every = tmp_path / "every"
+    train.main(tiny_args(tiny_folder, every, "--epochs", "5", "--val-split", "40"))
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(("test", "val"))} for r in rs]
+    assert strip(untimed(rows)) == strip(untimed(metrics(every)))
+    assert_same_weights(weights(out), weights(every))
+    assert (out / "curves.png").stat().st_size > 10_000
