@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "batch_size": [row(a.arch, a.width, bs) for bs in batches]},
         "notes": notes,
     }
+    t = result["time_breakdown"]  # how close the whole step comes to the convolutions' own speed
+    t["of_conv_only_limit"] = round(result["mfu_fp32"] / t["conv_only_mfu_fp32"], 3)
     print_report(result)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
@@ -311,7 +313,7 @@ def print_report(r: dict) -> None:
     print(f"where {t['steps']} steps of ours spend their time (torch.profiler): convolutions "
           f"{100 * t['conv_share']:.0f}%, BatchNorm {100 * t['batchnorm_share']:.0f}%, the rest {100 * rest:.0f}%; "
           f"the convolutions alone run at {100 * t['conv_only_mfu_fp32']:.1f}% of the matmul peak (the MFU if "
-          "nothing else took time)")
+          f"nothing else took time); the whole step reaches {100 * t['of_conv_only_limit']:.1f}% of that limit")
     for name, rows in r["scaling"].items():
         print(f"\nscaling by {name}:\n{'arch':<10}{'width':>6}{'batch':>7}{'GFLOP/img':>11}{'img/s':>9}{'MFU':>8}")
         for x in rows:

@@ -33,6 +33,7 @@ def test_quick_writes_every_key(tiny_folder, tmp_path):
     t = r["time_breakdown"]
     assert 0 < t["conv_share"] < 1 and 0 < t["batchnorm_share"] < 1 and t["conv_share"] + t["batchnorm_share"] < 1
     assert t["conv_only_mfu_fp32"] > 0  # (how it compares with the whole step's MFU is a timing: bench.py prints it)
+    assert t["of_conv_only_limit"] == round(r["mfu_fp32"] / t["conv_only_mfu_fp32"], 3)
     assert r["ours_images_per_s"] > 0 and r["classic_images_per_s"] > 0 and r["matmul_peak_tflops"]["fp32"] > 0
     assert r["startup"]["cold_image_folder_s"] > 0 and r["startup"]["uint8_cache_s"] > 0
     assert set(r["scaling"]) == {"width", "depth", "batch_size"}
