@@ -204,11 +204,11 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
         ax = axes[0] if is_plain(arch) else axes[1]
         runs = [read_metrics(run_dir(out, arch, s)) for s in seeds]
         n = min(len(r) for r in runs)
-        mean = lambda key: [100 * (1 - statistics.mean(r[i][key] for r in runs)) for i in range(n)]
         c = f"C{depths.index(model_depth(arch)) % 10}"
-        ep = list(range(1, n + 1))
-        ax.plot(ep, mean("train_acc"), "--", color=c, alpha=0.8)
-        ax.plot(ep, mean("test_acc"), "-", color=c, label=f"{arch}")
+        for key, style, label in (("train_acc", "--", None), ("test_acc", "-", arch)):
+            epochs = [i for i in range(n) if all(key in r[i] for r in runs)]  # (--eval-every skips test rows)
+            err = [100 * (1 - statistics.mean(r[i][key] for r in runs)) for i in epochs]
+            ax.plot([i + 1 for i in epochs], err, style, color=c, alpha=0.8 if label is None else 1, label=label)
     for ax, name in zip(axes, ("plain", "ResNet")):
         ax.set(title=f"{name} nets (dashed: training error, solid: test error)", xlabel="epoch", ylabel="error (%)")
         ax.grid(True, alpha=0.3)

@@ -153,3 +153,15 @@ def test_sigterm_to_ablate_stops_its_runs_with_checkpoints(tiny_folder, tmp_path
         assert "stopped by SIGTERM" in (out / arch / "seed0" / "train.log").read_text()
         assert torch.load(out / arch / "seed0" / "last.pt", weights_only=True)["epoch"] < 200
     assert not (out / "resnet32").exists()  # nothing new started
+
+
+def test_grid_with_eval_every_reports_and_draws_the_evaluated_epochs(tiny_folder, tmp_path):
+    out = tmp_path / "abl"
+    args = grid_args(tiny_folder, out)
+    args[args.index("--depths") + 1:args.index("--seeds")] = ["20"]
+    args[args.index("--epochs") + 1] = "3"
+    rows = ablate.main(args + ["--archs", "plain20", "resnet20", "--eval-every", "2"])
+    assert [r["arch"] for r in rows] == ["plain20", "resnet20"] and all(r["epochs"] == 3 for r in rows)
+    logged = [["test_acc" in r for r in ablate.read_metrics(str(out / a / "seed0"))] for a in ("plain20", "resnet20")]
+    assert logged == [[False, True, True]] * 2
+    assert (out / "ablation.png").stat().st_size > 10_000
