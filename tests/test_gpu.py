@@ -47,8 +47,10 @@ def test_gpu_checkpoint_loads_and_evaluates_on_cpu(tiny_folder, tmp_path):
     assert len(metrics(out)) == 3
 
 
-def test_deterministic_runs_are_identical_and_resume_exactly(tiny_folder, tmp_path, monkeypatch):
-    args = ("--deterministic", "--val-split", "40")
+@pytest.mark.parametrize("levers", [(), ("--ema", "0.9", "--crop-sizes", "24", "--flip", "alternate")],
+                         ids=["default", "ema-resize-alternate"])
+def test_deterministic_runs_are_identical_and_resume_exactly(tiny_folder, tmp_path, monkeypatch, levers):
+    args = ("--deterministic", "--val-split", "40", *levers)
     train.main(gpu_args(tiny_folder, tmp_path / "a", *args))
     train.main(gpu_args(tiny_folder, tmp_path / "b", *args))
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
