@@ -29,7 +29,7 @@ from torch import nn
 
 import train
 from basic_block import BasicBlock
-from config import Parser, UserError, parse_config, run_script
+from config import Parser, UserError, compile_unavailable, parse_config, run_script
 from data import DataError, load_cifar
 from resnet import count_parameters, is_plain, model_depth
 from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except UserError as e:
         p.exit(2, f"ablate.py: error: {e}\n")
     runtime_flags = (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.compile and not args.report and (why := compile_unavailable(device)):
+        p.exit(2, f"ablate.py: error: --compile: {why}\n")
     out = args.out or os.path.join("runs", out_name)
     os.makedirs(out, exist_ok=True)
     grid = {"recipe": recipe}

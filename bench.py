@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, run_script
+from config import Parser, compile_unavailable, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from train import EpochSums, train_one_epoch
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--device cuda: no CUDA device here")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
+    if a.compile and (why := compile_unavailable(device)):
+        p.error(f"--compile: {why}")
     warmup, steps, windows = (1, 2, 1) if a.quick else (5, a.steps, a.windows)
     batch = 32 if a.quick else a.batch_size
     notes = []

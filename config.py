@@ -278,8 +278,26 @@ def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
     if cfg.amp and not torch.cuda.is_bf16_supported():  # fp16 would need a GradScaler; bf16 needs none
         raise UserError(f"--amp is bf16 autocast, which {torch.cuda.get_device_name(device)} lacks (compute "
                         "capability 8.0 or newer: A100, H100, RTX 30xx+); train in fp32 without --amp")
+    if cfg.compile and (why := compile_unavailable(device)):
+        raise UserError(f"--compile: {why}; drop --compile to train without it")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot work on this device, or None: on the CPU its backend (inductor) builds C++ with
+    the compiler it finds ($CXX, else g++; clang++ on macOS), on CUDA it needs Triton."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "torch.compile needs Triton on CUDA, which is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # inductor's InvalidCxxCompiler, or an import error on an unusual build
+        return "torch.compile on the CPU needs a C++ compiler ($CXX, or g++) and none works here"
+    return None
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

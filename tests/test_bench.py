@@ -128,3 +128,18 @@ def test_bad_flags_are_one_line_exit_2(main, argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("script", ["bench", "ablate"])
+def test_compile_where_it_cannot_work_is_one_line_before_any_work(script, tiny_folder, tmp_path, monkeypatch, capsys):
+    import ablate
+
+    module = {"bench": bench, "ablate": ablate}[script]
+    monkeypatch.setattr(module, "compile_unavailable", lambda device: "no C++ compiler here")
+    argv = ["--quick", "--compile"] if script == "bench" else ["--compile", "--data-dir", tiny_folder, "--out",
+                                                                str(tmp_path / "abl"), "--depths", "20"]
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"{script}.py: error: --compile: no C++ compiler here"
+    assert not (tmp_path / "abl" / "resnet20").exists()

@@ -75,6 +75,17 @@ def test_bad_flag_from_the_shell_has_no_traceback():
     assert "Traceback" not in r.stderr
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(tiny_folder, tmp_path):
+    env = {**os.environ, "CXX": "no-such-c++"}  # inductor, torch.compile's CPU backend, would call it
+    r = subprocess.run([sys.executable, "train.py", *tiny_args(tiny_folder, tmp_path / "r", "--compile")], cwd=ROOT,
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["train.py: error: --compile: torch.compile on the CPU needs a C++ "
+                                             "compiler ($CXX, or g++) and none works here; drop --compile to "
+                                             "train without it"]
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
 def test_existing_run_dir_is_never_overwritten(tiny_folder, tmp_path, capsys):
     out = tmp_path / "r"
     train.main(tiny_args(tiny_folder, out, "--epochs", "1"))
