@@ -15,7 +15,8 @@ dependencies = ["torch"]
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 # name -> shipped weights file (weights/README.md: the runs they come from, their test accuracy, sha256)
-PRETRAINED = {"resnet20": "resnet20-jpeg15ep.pt", "resnet56": "resnet56-jpeg15ep.pt"}
+PRETRAINED = {"resnet18": "resnet18-jpeg50ep.pt", "resnet20": "resnet20-jpeg15ep.pt",
+              "resnet56": "resnet56-jpeg15ep.pt"}
 
 
 def _entry_point(name: str):

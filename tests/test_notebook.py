@@ -29,6 +29,6 @@ def test_quickstart_notebook_runs(real_cifar, monkeypatch):
                    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "ResNet18: 701,466 parameters" in text and "resnet110" in text  # the model table
-    assert "of 12 right" in text and "test accuracy 86.76%" in text  # the shipped resnet56, as weights/README.md says
+    assert "of 12 right" in text and "test accuracy 87.67%" in text  # the shipped ResNet-18, as weights/README.md says
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images == 3  # the test images, the confusion matrix, the curves
