@@ -180,15 +180,23 @@ class Parser(argparse.ArgumentParser):
 
 def run_script(prog: str, main, argv: list[str] | None, errors: tuple[type[Exception], ...]):
     """main(argv), with a user mistake (one of `errors`) reported as one line and its exit code (2 unless it
-    carries another), and Ctrl-C as "interrupted", exit 130. What a script saved before stays saved."""
+    carries another), Ctrl-C as "interrupted", exit 130, and a closed output pipe (`... | head`) as one line,
+    exit 141 like a shell's SIGPIPE. What a script saved before stays saved."""
     try:
-        return main(argv)
+        result = main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the interpreter's exit
+        return result
     except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(getattr(e, "code", 2)) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull, or flushing it at exit raises the same error again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: output closed by the reader (broken pipe); stopped", file=sys.stderr)
+        raise SystemExit(141) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,6 +135,17 @@ def test_truncated_checkpoint_gives_clear_error(tiny_folder, good_run, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(path) in err
 
 
+def test_output_closed_early_is_one_line(tiny_folder, good_run):
+    """`train.py --eval-only ... | head -1`: the reader goes away; one line, exit 141 as a shell's SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "train.py", "--eval-only", "--resume", str(good_run), "--data-dir",
+                             tiny_folder, "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the child (still importing torch) has written anything
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and "Traceback" not in err and "Exception ignored" not in err
+    assert err.strip() == "train.py: output closed by the reader (broken pipe); stopped"
+
+
 def test_checkpoint_of_another_architecture(tiny_folder, good_run, capsys):
     ckpt = torch.load(good_run / "last.pt", weights_only=True)
     ckpt["arch"] = "resnet32"
