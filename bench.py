@@ -35,6 +35,7 @@ from classic import ClassicDataset, reference_step, sgd
 from config import Parser, compile_unavailable, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
+from runs import machine_name
 from train import EpochSums, train_one_epoch
 
 
@@ -260,8 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         ((16, 32, 64), ("resnet20", "resnet56", "resnet110"), (64, 128, 256, 512))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"device": machine_name(device), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "model": {"arch": a.arch, "width": a.width, "batch_size": batch,
                   "train_gflop_per_image": round(flops / 1e9, 4)},

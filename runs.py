@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 
 import torch
 from torch import nn
@@ -237,10 +238,24 @@ def run_info(cfg, device: torch.device, world: int) -> dict:
                                 capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return {"config": dataclasses.asdict(cfg), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "device": name, "world_size": world,
+            "torchvision": torchvision.__version__, "device": machine_name(device), "world_size": world,
             "threads": torch.get_num_threads(), "git_commit": commit}
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, cores and vector instructions, e.g. "cpu: AMD EPYC (2 cores,
+    AVX2)": timings, and the last bits of a CPU run's numbers, depend on them (AVX2 and AVX-512 kernels round
+    differently)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux; platform.processor() there says only "x86_64"
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def start_files(out: str, info: dict, resumed: dict | None, epochs_done: int) -> None:

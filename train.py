@@ -64,14 +64,19 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
 
 class EpochSums:
     """An epoch's running training sums and its count of non-finite losses, kept on the device: adding to them
-    never waits for the GPU. A mid-epoch checkpoint saves the sums (as `partial`) so a resumed epoch logs the
-    same training loss and accuracy as an unbroken one."""
+    never waits for the GPU; and the epoch's clock, on the host. A mid-epoch checkpoint saves the sums and the
+    seconds so far (as `partial`) so a resumed epoch logs the same training loss and accuracy as an unbroken
+    one, and the time of both its parts."""
 
     NAMES = ("loss_sum", "correct", "count")
 
     def __init__(self, device: torch.device | str):
         self.loss_sum, self.correct, self.count = (torch.zeros((), device=device) for _ in self.NAMES)
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int32)
+        self.started = time.time()  # when the epoch began, less the seconds it trained before a resume
+
+    def seconds(self) -> float:
+        return time.time() - self.started
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -81,19 +86,24 @@ class EpochSums:
         self.nonfinite += (~torch.isfinite(loss)).int()
 
     def zero_(self) -> None:
+        """A new epoch: zero sums, and its clock starts now."""
         for t in (self.loss_sum, self.correct, self.count, self.nonfinite):
             t.zero_()
+        self.started = time.time()
 
     def load(self, partial: dict) -> None:
         for name in self.NAMES:
             getattr(self, name).copy_(partial[name])
+        self.started = time.time() - float(partial.get("seconds", 0.0))  # older checkpoints lack the seconds
 
     def reduced(self, world: int) -> dict[str, torch.Tensor]:
-        """The sums over every rank, as CPU tensors (under DDP a collective: every rank calls it)."""
+        """The sums over every rank, as CPU tensors (under DDP a collective: every rank calls it), and this
+        rank's seconds into the epoch."""
         sums = torch.stack([getattr(self, name) for name in self.NAMES])
         if world > 1:
             dist.all_reduce(sums)
-        return {name: v.clone() for name, v in zip(self.NAMES, sums.cpu())}
+        return {**{name: v.clone() for name, v in zip(self.NAMES, sums.cpu())},
+                "seconds": torch.tensor(self.seconds(), dtype=torch.float64)}
 
     def check_finite(self, world: int, where: str) -> None:
         bad = self.nonfinite.clone()
@@ -291,7 +301,7 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
     return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
             "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
             "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial or {name: torch.zeros(()) for name in EpochSums.NAMES},
+            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds")},
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
             "rng": {"torch": torch.get_rng_state()},
@@ -447,19 +457,16 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
     row = {}
     for epoch in range(state.epoch, cfg.epochs):
         if state.step == 0:
-            sums.zero_()
+            sums.zero_()  # else a resumed epoch: sums and clock carry on from the checkpoint
         sums.nonfinite.zero_()
-        t0, count0 = time.time(), sums.count.item()
         with tqdm(total=len(loaders.train), initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
                             epoch, state.step, amp=amp, after_step=policy, ema=state.ema)
         state.epoch, state.step = epoch + 1, 0
-        train_seconds, images = time.time() - t0, (sums.count.item() - count0) * world
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
-        row.update(epoch_time_s=round(time.time() - t0, 3), images_per_s=round(images / train_seconds, 1))
         if rank == 0:
             save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "last.pt"))
             if "val_acc" in row and row["val_acc"] > state.best_val:
@@ -474,17 +481,25 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
 
 def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: bool = True) -> dict:
     """The metrics of the epoch just trained: its training sums over every rank, then (when evaluate_now) the
-    test and validation evaluation of the trained model (the EMA's with --ema)."""
+    test and validation evaluation of the trained model (the EMA's with --ema), then its seconds (training and
+    evaluation; a resumed epoch's include those before the stop) and images/s (all ranks' training images over
+    the training seconds)."""
     sums = state.sums.reduced(world)
-    n = sums["count"].item()
+    n, train_seconds = sums["count"].item(), sums["seconds"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
-    if not evaluate_now:
-        return row
+    if evaluate_now:
+        row.update(evaluated(state, loaders, world))
+    row.update(epoch_time_s=round(state.sums.seconds(), 3), images_per_s=round(n / train_seconds, 1))
+    return row
+
+
+def evaluated(state: TrainState, loaders: Loaders, world: int) -> dict:
+    """Test (and validation) loss and accuracy of the trained model, for the epoch's row."""
     model = state.trained_model()
     broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
     test = evaluate(model, loaders.test, len(state.classes), world, state.cfg.tta)
-    row.update(test_loss=test["loss"], test_acc=test["acc"])
+    row = {"test_loss": test["loss"], "test_acc": test["acc"]}
     if state.cfg.tta:
         row["test_acc_tta"] = test["acc_tta"]
     if loaders.val is not None:

@@ -169,11 +169,29 @@ def test_a_run_written_by_the_old_code_loads_and_resumes(tiny_folder, tmp_path):
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == first
     assert summary["final_test_acc"] == rows[-1]["test_acc"]
-    if json.loads((run / "config.json").read_text())["torch"] == torch.__version__:  # same kernels: bit for bit
-        straight = tmp_path / "straight"
-        train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
-        assert untimed(rows) == untimed(metrics(straight))
-        assert_same_weights(weights(run), weights(straight))
+    # The same run straight through on this machine: close, not bit for bit, as the fixture's CPU may have had
+    # other kernels (AVX2 and AVX-512 round differently: 0.07% apart here). Exactness of a resume is the kill -9
+    # and SIGTERM tests' job, on one machine; this one checks the old format loads and carries on sanely.
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
+    for a, b in zip(untimed(rows), untimed(metrics(straight)), strict=True):
+        assert a == pytest.approx(b, rel=0.01, abs=0.03)  # 0.03: one of the 40 validation images
+    a, b = (torch.cat([w.flatten().float() for w in weights(r).values()]) for r in (run, straight))
+    assert (a - b).norm() <= 0.01 * b.norm()  # every weight and BN statistic, within 1% in norm
+
+
+def test_a_resumed_epoch_logs_the_seconds_before_its_stop(tiny_folder, tmp_path):
+    """A mid-epoch checkpoint carries the epoch's seconds so far: the resumed epoch's time and images/s count both
+    parts, not only the one after the resume."""
+    run = tmp_path / "old"
+    shutil.copytree(OLD_RUN, run)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["partial"]["seconds"] = torch.tensor(1000.0, dtype=torch.float64)  # as if stopped after 1000 s
+    torch.save(ckpt, run / "last.pt")
+    train.main(["--resume", str(run), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
+    resumed = metrics(run)[1]
+    assert 1000 < resumed["epoch_time_s"] < 1300
+    assert resumed["images_per_s"] == pytest.approx(160 / 1000, abs=0.05)  # 160 training images in ~1000 s
 
 
 # ---- kuangliu/pytorch-cifar's checkpoints, and predicting from raw images
