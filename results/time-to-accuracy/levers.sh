@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Time to accuracy (issue #16): each lever of the loop alone against one base run, then the levers that paid,
+# together. Run it with nothing else on the machine (timings beside another job are worthless); it resumes:
+# a finished run is skipped, an interrupted one continues from its checkpoint.
+#
+#   bash results/time-to-accuracy/levers.sh DATA_DIR [RUNS_DIR] [NAME ...]     # default: every run below
+#
+# Wall time is as in README's Speed table: the sum of the epochs' times (training pass + any evaluation).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+data=${1:?usage: levers.sh DATA_DIR [RUNS_DIR] [NAME ...]}
+runs=${2:-runs/tta}
+shift $(( $# < 2 ? $# : 2 ))
+python=${PYTHON:-python}
+
+base=(--recipe fast --epochs 12)  # 12 epochs: ~855 s on the Xeon the target was set on, at batch 128
+declare -A lever=(
+  [base]=""
+  [batch256]="--batch-size 256 --lr 0.4"             # the linear scaling rule: lr doubles with the batch
+  [flip-alternate]="--flip alternate"
+  [crops-24-28]="--crop-sizes 24 24 24 24 28 28"    # 4 epochs on 24x24 crops, 2 on 28x28, then 32x32
+  [ema]="--ema 0.999"
+  [eval-last]="--eval-every 100"                    # the test set only after the last epoch
+)
+order=(base batch256 flip-alternate crops-24-28 ema eval-last)
+names=("${@:-${order[@]}}")
+
+for name in "${names[@]}"; do
+  [[ -v "lever[$name]" ]] || { echo "levers.sh: unknown run $name (known: ${order[*]})" >&2; exit 2; }
+  out="$runs/$name"
+  if [[ -f "$out/last.pt" ]]; then
+    $python train.py --resume "$out" --data-dir "$data" --no-progress
+  else
+    # shellcheck disable=SC2086  # the lever's flags are words
+    $python train.py "${base[@]}" ${lever[$name]} --data-dir "$data" --out "$out" --no-progress
+  fi
+done
+
+$python - "$runs" "${names[@]}" <<'EOF'
+import json, sys
+from runs import read_metrics
+runs, names = sys.argv[1], sys.argv[2:]
+print(f"{'run':<16}{'wall s':>9}{'train s':>9}{'eval s':>8}{'final test acc':>16}")
+for name in names:
+    rows = read_metrics(f"{runs}/{name}")
+    batch = json.load(open(f"{runs}/{name}/config.json"))["config"]["batch_size"]
+    wall = sum(r["epoch_time_s"] for r in rows)
+    train = sum(50000 // batch * batch / r["images_per_s"] for r in rows)  # whole batches of the 50,000
+    acc = rows[-1].get("test_acc") if rows else None
+    print(f"{name:<16}{wall:>9.0f}{train:>9.0f}{wall - train:>8.0f}{'' if acc is None else f'{100 * acc:.2f}%':>16}")
+EOF
