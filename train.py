@@ -526,9 +526,18 @@ def summarize(cfg: Config, row: dict, best_val: float, wall: float, rank: int) -
     return summary
 
 
+# What --eval-only reads from the command line; any other flag typed beside it would change nothing: refused.
+EVAL_ONLY_FLAGS = {"eval_only", "resume", "data_dir", "dataset", "device", "tta", "out", "deterministic", "progress"}
+
+
 def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
     """--eval-only: the --resume checkpoint (ours or a peer's) on the test set, with per-class accuracy;
     confusion.png and mistakes.png go to --out, or beside the checkpoint."""
+    if unused := sorted(explicit - EVAL_ONLY_FLAGS):
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise UserError(f"--eval-only evaluates the checkpoint as it was trained; {flags} would change nothing: "
+                        "drop them")
+    configure_backends(device, cfg.deterministic)
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
     trained_on = ckpt.get("config", {}).get("dataset", "cifar10")

@@ -135,6 +135,14 @@ def test_truncated_checkpoint_gives_clear_error(tiny_folder, good_run, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(path) in err
 
 
+def test_eval_only_refuses_flags_it_would_ignore(tiny_folder, good_run, capsys):
+    base = ["--eval-only", "--resume", str(good_run), "--data-dir", tiny_folder, "--device", "cpu"]
+    code, err = run_main_expect_exit(base + ["--lr", "0.5", "--amp", "--epochs", "3"], capsys)
+    assert code == 2 and err == ("train.py: error: --eval-only evaluates the checkpoint as it was trained; --amp, "
+                                 "--epochs, --lr would change nothing: drop them")
+    assert train.main(base + ["--no-progress", "--deterministic", "--tta"])["test_acc_tta"] is not None
+
+
 def test_output_closed_early_is_one_line(tiny_folder, good_run):
     """`train.py --eval-only ... | head -1`: the reader goes away; one line, exit 141 as a shell's SIGPIPE."""
     proc = subprocess.Popen([sys.executable, "train.py", "--eval-only", "--resume", str(good_run), "--data-dir",
