@@ -290,15 +290,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="as train.py --device")
     runtime.add_argument("--compile", action="store_true", help="as train.py --compile")
     args, recipe = p.parse_known_args(argv)
+
+    def refuse_unused(mode: str, names: tuple[str, ...], extra: list[str] = ()) -> None:
+        """A flag typed beside --responses or --report that would change nothing: one line, exit 2."""
+        unused = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+        unused += [" ".join(extra)] if extra else []
+        if unused:
+            p.exit(2, f"ablate.py: error: {mode} trains nothing; {', '.join(unused)} would change nothing: drop "
+                      "them\n")
+
     if args.responses:
-        if recipe:
-            p.exit(2, f"ablate.py: error: --responses trains nothing; drop the training flags {' '.join(recipe)}\n")
+        refuse_unused("--responses", ("preset", "depths", "archs", "seeds", "jobs", "report", "compile", "device"),
+                      recipe)
         nets = [labelled_model(c) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
         path = plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
                               os.path.join(args.out or ".", "responses-checkpoints.png"))
         print(f"[ablate] Figure 7 for {len(nets)} checkpoint(s): {path}")
         return []
+    if args.report:
+        refuse_unused("--report", ("jobs", "compile", "device"))
     base, depths, out_name, with_18 = PRESETS[args.preset]
     depths = args.depths or depths
     for d in depths:

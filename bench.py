@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side comparison")
     p.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (compiles first)")
     a = p.parse_args(argv)
+    overridden = [f"--{n.replace('_', '-')}" for n in ("batch_size", "windows", "steps", "rounds")
+                  if getattr(a, n) != p.get_default(n)]
+    if a.quick and overridden:
+        p.error(f"--quick sets its own tiny batch, windows and rounds; {', '.join(overridden)} would change nothing")
     if min(a.width, a.batch_size, a.windows, a.steps, a.rounds) < 1:
         p.error("--width, --batch-size, --windows, --steps and --rounds must be at least 1")
     if a.device == "cuda" and not torch.cuda.is_available():

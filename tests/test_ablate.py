@@ -107,8 +107,12 @@ def test_jobs_run_side_by_side_then_report(tiny_folder, tmp_path, capsys):
     recipe = json.loads((out / "grid.json").read_text())["recipe"]
     assert recipe[-8:] == args[7:15] and "--device" not in recipe  # the device is not part of the experiment
     capsys.readouterr()
-    rows = ablate.main(args[:-2] + ["--report"])  # another --device is fine; --report trains nothing
+    rows = ablate.main(args[:-2] + ["--report"])  # --report trains nothing
     assert [r["arch"] for r in rows] == ["plain20", "resnet20"] and "training" not in capsys.readouterr().out
+    for typed in (["--jobs", "2"], ["--device", "cpu"]):  # what only training would use is refused, not ignored
+        with pytest.raises(SystemExit) as e:
+            ablate.main(args[:-2] + ["--report", *typed])
+        assert e.value.code == 2 and f"--report trains nothing; {typed[0]} would" in capsys.readouterr().err
 
 
 def test_bad_passthrough_flag_is_one_line_before_any_run(tiny_folder, tmp_path):
@@ -127,6 +131,9 @@ def test_responses_for_a_list_of_checkpoints(tiny_folder, tmp_path):
                  "--data-dir", tiny_folder, "--response-images", "20"])
     assert (tmp_path / "fig" / "responses-checkpoints.png").stat().st_size > 0
     assert ablate.labelled_model(str(tmp_path / "port.th"))[0] == "resnet20 (akamaster/pytorch_resnet_cifar10)"
+    with pytest.raises(SystemExit) as e:  # flags of a grid beside --responses: refused, not ignored
+        ablate.main(["--responses", str(tmp_path / "port.th"), "--depths", "32", "--epochs", "3"])
+    assert e.value.code == 2
 
 
 def test_sigterm_to_ablate_stops_its_runs_with_checkpoints(tiny_folder, tmp_path):

@@ -25,6 +25,9 @@ def test_flop_count_resnet18_width16():
 def test_quick_writes_every_key(tiny_folder, tmp_path):
     path = tmp_path / "b.json"
     bench.main(["--quick", "--data-dir", tiny_folder, "--json", str(path)])
+    with pytest.raises(SystemExit) as e:  # --quick's own sizes: a typed one would be ignored, so it is refused
+        bench.main(["--quick", "--rounds", "5"])
+    assert e.value.code == 2
     r = json.loads(path.read_text())
     for key in ("date", "command", "machine", "model", "matmul_peak_tflops", "ours_images_per_s",
                 "ours_nchw_images_per_s", "classic_images_per_s", "speedup_vs_classic", "rounds", "mfu_fp32",
