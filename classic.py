@@ -20,7 +20,7 @@ from torch import nn
 from config import Parser, UserError, resolve_device, run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
-from runs import append_metrics, format_row
+from runs import append_metrics, format_row, machine_name
 
 
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
@@ -82,8 +82,8 @@ def classic_train(data_dir: str, out: str, arch: str = "resnet18", width: int = 
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"loop": "classic", "arch": arch, "width": width, "epochs": epochs, "workers": workers,
-                   "seed": seed, "data_dir": data_dir, "device": str(device), "torch": torch.__version__,
-                   "threads": torch.get_num_threads(),
+                   "seed": seed, "data_dir": data_dir, "device": machine_name(device),
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "milestones": sched.milestones and sorted(sched.milestones)}, f, indent=2)
     metrics_path = os.path.join(out, "metrics.jsonl")
     open(metrics_path, "w").close()
