@@ -66,7 +66,8 @@ class EpochSums:
     """An epoch's running training sums and its count of non-finite losses, kept on the device: adding to them
     never waits for the GPU; and the epoch's clock, on the host. A mid-epoch checkpoint saves the sums and the
     seconds so far (as `partial`) so a resumed epoch logs the same training loss and accuracy as an unbroken
-    one, and the time of both its parts."""
+    one, and the time of both its parts. (A checkpoint written before partials had seconds leaves its images
+    `untimed`: images/s then counts only those trained since the resume.)"""
 
     NAMES = ("loss_sum", "correct", "count")
 
@@ -74,6 +75,7 @@ class EpochSums:
         self.loss_sum, self.correct, self.count = (torch.zeros((), device=device) for _ in self.NAMES)
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int32)
         self.started = time.time()  # when the epoch began, less the seconds it trained before a resume
+        self.untimed = 0.0  # images of this epoch trained for an unknown time (all ranks': loaded on rank 0)
 
     def seconds(self) -> float:
         return time.time() - self.started
@@ -89,12 +91,13 @@ class EpochSums:
         """A new epoch: zero sums, and its clock starts now."""
         for t in (self.loss_sum, self.correct, self.count, self.nonfinite):
             t.zero_()
-        self.started = time.time()
+        self.started, self.untimed = time.time(), 0.0
 
     def load(self, partial: dict) -> None:
         for name in self.NAMES:
             getattr(self, name).copy_(partial[name])
-        self.started = time.time() - float(partial.get("seconds", 0.0))  # older checkpoints lack the seconds
+        self.started = time.time() - float(partial.get("seconds", 0.0))
+        self.untimed = float(partial.get("untimed", partial["count"] if "seconds" not in partial else 0.0))
 
     def reduced(self, world: int) -> dict[str, torch.Tensor]:
         """The sums over every rank, as CPU tensors (under DDP a collective: every rank calls it), and this
@@ -103,7 +106,8 @@ class EpochSums:
         if world > 1:
             dist.all_reduce(sums)
         return {**{name: v.clone() for name, v in zip(self.NAMES, sums.cpu())},
-                "seconds": torch.tensor(self.seconds(), dtype=torch.float64)}
+                "seconds": torch.tensor(self.seconds(), dtype=torch.float64),
+                "untimed": torch.tensor(self.untimed, dtype=torch.float64)}
 
     def check_finite(self, world: int, where: str) -> None:
         bad = self.nonfinite.clone()
@@ -301,7 +305,7 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
     return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
             "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
             "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds")},
+            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds", "untimed")},
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
             "rng": {"torch": torch.get_rng_state()},
@@ -483,14 +487,14 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
     """The metrics of the epoch just trained: its training sums over every rank, then (when evaluate_now) the
     test and validation evaluation of the trained model (the EMA's with --ema), then its seconds (training and
     evaluation; a resumed epoch's include those before the stop) and images/s (all ranks' training images over
-    the training seconds)."""
+    the training seconds, both timed)."""
     sums = state.sums.reduced(world)
-    n, train_seconds = sums["count"].item(), sums["seconds"].item()
+    n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
     if evaluate_now:
         row.update(evaluated(state, loaders, world))
-    row.update(epoch_time_s=round(state.sums.seconds(), 3), images_per_s=round(n / train_seconds, 1))
+    row.update(epoch_time_s=round(state.sums.seconds(), 3), images_per_s=round((n - untimed) / train_seconds, 1))
     return row
 
 

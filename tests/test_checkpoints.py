@@ -194,6 +194,23 @@ def test_a_resumed_epoch_logs_the_seconds_before_its_stop(tiny_folder, tmp_path)
     assert resumed["images_per_s"] == pytest.approx(160 / 1000, abs=0.05)  # 160 training images in ~1000 s
 
 
+def test_epoch_sums_time_what_they_can():
+    """Sums loaded from a partial with seconds carry its clock on; from an older partial (no seconds) the images
+    before the stop are left out of images/s, whose time is unknown."""
+    with_seconds = {"loss_sum": torch.tensor(5.0), "correct": torch.tensor(40.0), "count": torch.tensor(96.0),
+                    "seconds": torch.tensor(30.0, dtype=torch.float64)}
+    sums = train.EpochSums("cpu")
+    sums.load(with_seconds)
+    assert sums.reduced(1)["seconds"].item() == pytest.approx(30.0, abs=1.0) and sums.untimed == 0
+    sums.load({k: v for k, v in with_seconds.items() if k != "seconds"})
+    saved = sums.reduced(1)  # what the next mid-epoch checkpoint holds: still 96 untimed images
+    assert saved["seconds"].item() < 1.0 and saved["untimed"].item() == 96 and saved["count"].item() == 96
+    sums.load(saved)
+    assert sums.untimed == 96
+    sums.zero_()
+    assert sums.untimed == 0 and sums.count.item() == 0
+
+
 # ---- kuangliu/pytorch-cifar's checkpoints, and predicting from raw images
 
 
