@@ -265,8 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         ((16, 32, 64), ("resnet20", "resnet56", "resnet110"), (64, 128, 256, 512))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"device": machine_name(device), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"device": machine_name(device), "cpu_cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
         "model": {"arch": a.arch, "width": a.width, "batch_size": batch,
                   "train_gflop_per_image": round(flops / 1e9, 4)},
         "matmul_peak_tflops": {"fp32": round(peak32 / 1e12, 4), "bf16": peak16 and round(peak16 / 1e12, 4),
