@@ -334,6 +334,27 @@ def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: i
 # --------------------------------------------------------------------------------------------------- setup
 
 
+def avoid_cpu_1x1_fault(cfg: Config, device: torch.device, explicit: set[str], rank: int) -> None:
+    """Train NCHW where channels_last would meet a oneDNN fault: on the CPU the backward (weights) of a 1x1
+    stride-2 convolution on channels_last input with fewer input channels than one channel block hangs, crashes
+    or returns wrong gradients (uxlfoundation/oneDNN#6035; seen here on AVX2 with 4 channels: a projection
+    shortcut of ResNet-18 at --width 4). The block is 8 channels on AVX2, 16 on AVX-512: 16 is the bound."""
+    if not cfg.channels_last or device.type != "cpu":
+        return
+    net = build_model(cfg.arch, **model_kwargs(cfg, 10))  # the shortcut convolutions do not depend on classes
+    small = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.stride != (1, 1) and m.in_channels < 16]
+    if not small:
+        return
+    why = (f"{cfg.arch} at width {cfg.width} has 1x1 stride-2 convolutions on {small[0].in_channels} channels, "
+           "whose channels_last backward is faulty on the CPU (oneDNN#6035)")
+    if "channels_last" in explicit:
+        raise UserError(f"--channels-last: {why}; drop it (NCHW is used then) or use --width 16 or more")
+    cfg.channels_last = False
+    if rank == 0:
+        print(f"train.py: {why}: training NCHW instead", file=sys.stderr)
+
+
 class Loaders(NamedTuple):
     train: Loader
     test: Loader
@@ -417,6 +438,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
         return eval_only(cfg, device, explicit)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
     validate_runtime(cfg, device, world)
+    avoid_cpu_1x1_fault(cfg, device, explicit, rank)
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
 

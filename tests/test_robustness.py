@@ -143,6 +143,22 @@ def test_eval_only_refuses_flags_it_would_ignore(tiny_folder, good_run, capsys):
     assert train.main(base + ["--no-progress", "--deterministic", "--tta"])["test_acc_tta"] is not None
 
 
+def test_faulty_channels_last_1x1_convolutions_train_nchw(tiny_folder, tmp_path, capsys):
+    """ResNet-18 at width 4: its first projection shortcut is a 1x1 stride-2 convolution on 4 channels, whose
+    channels_last backward hangs or crashes on an AVX2 CPU (oneDNN#6035): trained NCHW, with a note; typed
+    --channels-last is refused. At width 16 nothing changes."""
+    args = tiny_args(tiny_folder, tmp_path / "r", "--arch", "resnet18", "--epochs", "1")
+    train.main(args)
+    assert "oneDNN#6035): training NCHW instead" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["channels_last"] is False
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "s", "--arch", "resnet18", "--channels-last"),
+                                     capsys)
+    assert code == 2 and "--channels-last: resnet18 at width 4 has 1x1 stride-2 convolutions on 4 channels" in err
+    cfg = train.Config(arch="resnet18", width=16)
+    train.avoid_cpu_1x1_fault(cfg, torch.device("cpu"), set(), 0)
+    assert cfg.channels_last
+
+
 def test_output_closed_early_is_one_line(tiny_folder, good_run):
     """`train.py --eval-only ... | head -1`: the reader goes away; one line, exit 141 as a shell's SIGPIPE."""
     proc = subprocess.Popen([sys.executable, "train.py", "--eval-only", "--resume", str(good_run), "--data-dir",
