@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from config import Parser
+from config import Parser, UserError, run_script
 from runs import read_metrics
 
 
@@ -149,7 +149,7 @@ def plot_model_pictures(model, images: torch.Tensor, labels: torch.Tensor, class
     return counts
 
 
-def main(argv: list[str] | None = None) -> str:
+def plot_command(argv: list[str] | None) -> str:
     p = Parser(prog="plot_curves.py", description="Plot loss/accuracy curves of train.py runs.")
     p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     p.add_argument("-o", "--out", default=None, help="output image (default: the first run's curves.png)")
@@ -159,13 +159,31 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     for run in args.runs:
         if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
-            p.exit(2, f"plot_curves.py: error: {run} has no metrics.jsonl\n")
+            raise UserError(f"{run} has no metrics.jsonl")
+        if not read_metrics(run):
+            raise UserError(f"{run}/metrics.jsonl has no finished epoch yet")
     if args.labels and len(args.labels) != len(args.runs):
-        p.exit(2, "plot_curves.py: error: give one --labels entry per run\n")
+        raise UserError("give one --labels entry per run")
     out = args.out or os.path.join(args.runs[0], "curves.png")
-    plot_runs(args.runs, out, args.labels, args.x, args.title)
+    folder = os.path.dirname(out) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"-o {out}: folder {folder} does not exist")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()  # {"png": "Portable Network Graphics", ...}
+    if os.path.splitext(out)[1].lstrip(".").lower() not in formats:
+        raise UserError(f"-o {out}: name an image file ending in .png, .pdf, .svg or another of "
+                        f"{', '.join(sorted(formats))}")
+    try:
+        plot_runs(args.runs, out, args.labels, args.x, args.title)
+    except PermissionError as e:
+        raise UserError(f"-o {out}: {e.strerror}") from None
     print(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run_script("plot_curves.py", plot_command, argv, (UserError,))
 
 
 if __name__ == "__main__":

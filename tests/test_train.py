@@ -201,3 +201,25 @@ def test_cifar100_trains_with_its_classes_and_statistics(tmp_path, skip_md5, cap
         train.main(["--dataset", "cifar1000", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--dataset" in err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{run}", "-o", "{tmp}/no/such/folder/c.png"], "folder {tmp}/no/such/folder does not exist"),
+    (["{run}", "-o", "{tmp}/c.xyz"], "name an image file ending in .png"),
+    (["{tmp}/empty"], "has no finished epoch yet"),
+    (["{tmp}/nothing"], "has no metrics.jsonl"),
+    (["{run}", "--labels", "a", "b"], "give one --labels entry per run"),
+])
+def test_plot_curves_mistakes_are_one_line(tmp_path, capsys, args, message):
+    run, empty = tmp_path / "run", tmp_path / "empty"
+    for d in (run, empty, tmp_path / "nothing"):
+        d.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 2.0, "train_acc": 0.3,
+                                                   "epoch_time_s": 1.0}) + "\n")
+    (empty / "metrics.jsonl").write_text("")
+    fill = dict(run=run, tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        plot_curves.main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("plot_curves.py: error: ") and "\n" not in err, err
+    assert message.format(**fill) in err
