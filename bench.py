@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, compile_unavailable, run_script
+from config import Parser, channels_last_fault, compile_unavailable, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from runs import machine_name
@@ -99,6 +99,7 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
     train.py --amp. profile=True: instead, where `steps` steps spend their time (see time_breakdown).
     """
     model = build_model(arch, width=width, num_classes=int(y.max()) + 1).to(device)
+    channels_last = channels_last and not channels_last_fault(model, device)  # NCHW there, as train.py
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt, crit = sgd(model), nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("synthetic uint8 images (no --data-dir): speed figures only")
     if a.quick:
         notes.append("--quick: tiny windows and batch 32, not comparable figures")
+    if why := channels_last_fault(build_model(a.arch, width=a.width), device):
+        notes.append(f"{a.arch} at width {a.width} has {why}: the 'ours' loop runs NCHW too, as train.py")
 
     n = 512 if a.quick else (4096 if device.type == "cpu" else 8192)
     # PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32) but fp32 matmuls not: the

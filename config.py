@@ -308,6 +308,22 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def channels_last_fault(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why training `model` channels_last on `device` would meet a oneDNN fault, or None. On the CPU the backward
+    (weights) of a 1x1 stride-2 convolution on channels_last input with fewer input channels than one channel
+    block hangs, crashes or returns wrong gradients (uxlfoundation/oneDNN#6035; seen here on AVX2 with 4
+    channels: a projection shortcut of ResNet-18 at --width 4). The block is 8 channels on AVX2, 16 on AVX-512:
+    16 is the bound."""
+    if device.type != "cpu":
+        return None
+    small = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.stride != (1, 1) and m.in_channels < 16]
+    if not small:
+        return None
+    return (f"1x1 stride-2 convolutions on {small[0].in_channels} channels, whose channels_last backward is "
+            "faulty on the CPU (oneDNN#6035)")
+
+
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """cuDNN picks the fastest kernels for our fixed shapes, unless deterministic kernels are asked for."""
     if device.type == "cuda":

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from config import (Config, UserError, configure_backends, explicit_flags, parse_config, resolve_device,
-                    run_script, validate_runtime)
+from config import (Config, UserError, channels_last_fault, configure_backends, explicit_flags, parse_config,
+                    resolve_device, run_script, validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from plot_curves import plot_model_pictures, plot_runs
@@ -335,19 +335,13 @@ def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: i
 
 
 def avoid_cpu_1x1_fault(cfg: Config, device: torch.device, explicit: set[str], rank: int) -> None:
-    """Train NCHW where channels_last would meet a oneDNN fault: on the CPU the backward (weights) of a 1x1
-    stride-2 convolution on channels_last input with fewer input channels than one channel block hangs, crashes
-    or returns wrong gradients (uxlfoundation/oneDNN#6035; seen here on AVX2 with 4 channels: a projection
-    shortcut of ResNet-18 at --width 4). The block is 8 channels on AVX2, 16 on AVX-512: 16 is the bound."""
-    if not cfg.channels_last or device.type != "cpu":
+    """Train NCHW where channels_last would meet a oneDNN fault (config.channels_last_fault)."""
+    if not cfg.channels_last:
         return
-    net = build_model(cfg.arch, **model_kwargs(cfg, 10))  # the shortcut convolutions do not depend on classes
-    small = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-             and m.stride != (1, 1) and m.in_channels < 16]
-    if not small:
+    # the shortcut convolutions do not depend on the number of classes
+    if not (why := channels_last_fault(build_model(cfg.arch, **model_kwargs(cfg, 10)), device)):
         return
-    why = (f"{cfg.arch} at width {cfg.width} has 1x1 stride-2 convolutions on {small[0].in_channels} channels, "
-           "whose channels_last backward is faulty on the CPU (oneDNN#6035)")
+    why = f"{cfg.arch} at width {cfg.width} has {why}"
     if "channels_last" in explicit:
         raise UserError(f"--channels-last: {why}; drop it (NCHW is used then) or use --width 16 or more")
     cfg.channels_last = False

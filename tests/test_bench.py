@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bench
+import config
 import classic
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
@@ -146,3 +147,19 @@ def test_compile_where_it_cannot_work_is_one_line_before_any_work(script, tiny_f
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"{script}.py: error: --compile: no C++ compiler here"
     assert not (tmp_path / "abl" / "resnet20").exists()
+
+
+def test_faulty_channels_last_1x1_convolutions_time_nchw(monkeypatch):
+    """ResNet-18 at width 4 has a 1x1 stride-2 convolution on 4 channels (oneDNN#6035, see train.py): the fault
+    is found on the CPU only, and bench.py's loop times it NCHW, as train.py trains it, instead of hanging."""
+    cpu = torch.device("cpu")
+    assert "on 4 channels" in config.channels_last_fault(build_model("resnet18", width=4), cpu)
+    assert config.channels_last_fault(build_model("resnet18", width=16), cpu) is None
+    assert config.channels_last_fault(build_model("resnet18", width=4), torch.device("cuda")) is None
+    x, y = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10
+    seen = []  # per epoch: (model in channels_last, loader yields channels_last)
+    monkeypatch.setattr(bench, "train_one_epoch", lambda model, loader, *a, **k: seen.append(
+        (model.conv1.weight.is_contiguous(memory_format=torch.channels_last), loader.channels_last)))
+    for width in (4, 16):
+        assert bench.ours_images_per_s(x, y, "resnet18", width, 8, cpu, warmup=1, steps=1, windows=1) > 0
+    assert seen == [(False, False)] * 2 + [(True, True)] * 2
