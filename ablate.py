@@ -219,12 +219,14 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
     return path
 
 
-def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path: str) -> str:
+def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path: str,
+                   not_drawn: tuple[str, ...] = ()) -> str:
     """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom).
 
     nets: (label, model) pairs; each model sees the test images under its own normalisation (model.normalize).
     Colour by depth; plain nets dashed, residual solid. Beside the figure, <path>.csv: each net's median and mean
-    std over its layers.
+    std over its layers, for every net, also those in not_drawn (measured, left out of the figure: a net that
+    never trained can have responses 100x the others', which would flatten every other curve).
     """
     from matplotlib.figure import Figure
 
@@ -237,10 +239,13 @@ def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path
         stds = layer_responses(model, model.normalize(images))
         summary.append({"net": label, "layers": len(stds), "median_std": round(statistics.median(stds), 4),
                         "mean_std": round(statistics.fmean(stds), 4)})
+        if label in not_drawn:
+            continue
         c, style = f"C{depths.index(len(bl)) % 10}", "--" if bl[0].is_plain else "-"
         top.plot(range(1, len(stds) + 1), stds, style, color=c, label=label)
         bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=label)
-    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {len(images)} test images",
+    left_out = f"\nnot drawn, its training at chance (in responses.csv): {', '.join(not_drawn)}" if not_drawn else ""
+    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {len(images)} test images{left_out}",
             xlabel="layer index (original order)", ylabel="std")
     bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
     for ax in (top, bottom):
@@ -354,8 +359,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_tables(rows, out)
         plot_errors(out, done, args.seeds)
         nets = [(a, load_model(os.path.join(run_dir(out, a, args.seeds[0]), "last.pt"))) for a in done]
-        plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
-                       os.path.join(out, "responses.png"))
+        data = load_cifar(args.data_dir, args.dataset)
+        chance = 100 * (1 - 1.5 / len(data.classes))  # final training error this high: the net learned nothing
+        at_chance = tuple(r["arch"] for r in rows if r["train_err"] >= chance)
+        at_chance = at_chance if len(at_chance) < len(rows) else ()  # none trained (a smoke run): draw them all
+        plot_responses(nets, data.test_x[:args.response_images], os.path.join(out, "responses.png"), at_chance)
         with open(os.path.join(out, "ablation.md")) as f:
             print(f.read())
     missing = [a for a in archs if a not in done]

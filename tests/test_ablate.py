@@ -172,3 +172,21 @@ def test_grid_with_eval_every_reports_and_draws_the_evaluated_epochs(tiny_folder
     logged = [["test_acc" in r for r in ablate.read_metrics(str(out / a / "seed0"))] for a in ("plain20", "resnet20")]
     assert logged == [[False, True, True]] * 2
     assert (out / "ablation.png").stat().st_size > 10_000
+
+
+def test_responses_leave_out_the_nets_named_but_measure_them(tmp_path, monkeypatch):
+    """A net that never trained (plain110 at chance) can have responses 100x the others': the --report figure
+    leaves it out, saying so in the title, and responses.csv still has its numbers."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    nets = [(n, build_model(n, width=4).eval()) for n in ("resnet20", "plain20")]
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    ablate.plot_responses(nets, images, str(tmp_path / "r.png"), not_drawn=("plain20",))
+    top, bottom = figures[0].axes
+    assert [line.get_label() for line in top.get_lines()] == ["resnet20"] == \
+        [line.get_label() for line in bottom.get_lines()]
+    assert "not drawn, its training at chance (in responses.csv): plain20" in top.get_title()
+    with open(tmp_path / "r.csv") as f:
+        assert [row["net"] for row in csv.DictReader(f)] == ["resnet20", "plain20"]
