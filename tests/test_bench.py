@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import bench
-import config
 import classic
+import config
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
 from train import EpochSums, train_one_epoch
