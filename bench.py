@@ -8,9 +8,10 @@ Measures, on the same model, batch size and data:
     on-device Loader, and of the classic loop (DataLoader, 2 workers, per-image PIL RandomCrop/Flip/ToTensor/
     Normalize, fp32 NCHW; classic.py), and with --compile of ours under torch.compile; their ratios. The loops
     alternate in --rounds rounds (a shared host drifts) and a speed-up is the median of the per-round ratios;
-  - the measured matmul peak (fp32, and bf16 where the device has native bf16) and our model-FLOPs utilisation:
-    training FLOPs per image (torch.utils.flop_counter, forward + backward) x images/s / peak; and where the step's
-    time goes (torch.profiler: convolutions, BatchNorm, the rest), with the MFU of the convolutions alone;
+  - the measured matmul peak (fp32, and bf16 where the device has the bf16 arithmetic --amp needs; there our
+    loop is also timed under --amp) and our model-FLOPs utilisation: training FLOPs per image
+    (torch.utils.flop_counter, forward + backward) x images/s / peak; and where the step's time goes
+    (torch.profiler: convolutions, BatchNorm, the rest), with the MFU of the convolutions alone;
   - peak memory (process max RSS on CPU, torch.cuda.max_memory_allocated on GPU);
   - data start-up: seconds to the first batch from a cold image folder (decode) and from the uint8 cache;
   - scaling tables: images/s and MFU against width, depth and batch size.
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, channels_last_fault, compile_unavailable, run_script
+from config import Parser, bf16_unavailable, channels_last_fault, compile_unavailable, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from runs import machine_name
@@ -51,17 +52,6 @@ def train_flops_per_image(arch: str, width: int, device: torch.device, batch: in
     with FlopCounterMode(display=False) as fc:
         nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device=device)).backward()
     return fc.get_total_flops() / batch
-
-
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
@@ -231,13 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     peak32 = matmul_peak(device, torch.float32, n, 3 if a.quick else 10)
-    peak16 = matmul_peak(device, torch.bfloat16, n, 3 if a.quick else 10) if native_bf16(device) else None
+    peak16 = None if bf16_unavailable(device) else matmul_peak(device, torch.bfloat16, n, 3 if a.quick else 10)
     flops = train_flops_per_image(a.arch, a.width, device)
     run = dict(device=device, warmup=warmup, steps=steps, windows=windows)
     # Interleaved rounds: a shared host drifts by 10-20% over minutes, so each round times every loop back to back
     # and the speed-up is the median of the per-round ratios.
     rounds = {"ours": [], "ours_nchw": [], "classic": []} | ({"ours_compiled": []} if a.compile else {}) | \
-        ({"ours_amp": []} if device.type == "cuda" and peak16 else {})
+        ({"ours_amp": []} if peak16 else {})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the matmul peak above set the high-water mark
     for i in range(1 if a.quick else a.rounds):

@@ -281,15 +281,28 @@ def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
     if cfg.sync_bn and world == 1:
         raise UserError("--sync-bn shares BatchNorm statistics across torchrun processes; this run is one "
                         "process")
-    if cfg.amp and device.type != "cuda":
-        raise UserError("--amp (bf16 autocast) is for CUDA; drop it on CPU")
-    if cfg.amp and not torch.cuda.is_bf16_supported():  # fp16 would need a GradScaler; bf16 needs none
-        raise UserError(f"--amp is bf16 autocast, which {torch.cuda.get_device_name(device)} lacks (compute "
-                        "capability 8.0 or newer: A100, H100, RTX 30xx+); train in fp32 without --amp")
+    if cfg.amp and (why := bf16_unavailable(device)):
+        raise UserError(f"--amp (bf16 autocast): {why}; train in fp32 without --amp")
     if cfg.compile and (why := compile_unavailable(device)):
         raise UserError(f"--compile: {why}; drop --compile to train without it")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
+
+
+def bf16_unavailable(device: torch.device) -> str | None:
+    """Why bf16 autocast (--amp) would not pay on `device`, or None. fp16 would need a GradScaler; bf16 needs
+    none, but it needs bf16 arithmetic in hardware: compute capability 8.0 on CUDA (A100, H100, RTX 30xx+); on
+    the CPU, AVX512-BF16 or AMX (Intel Xeon since Cooper Lake and Sapphire Rapids, AMD Zen 4 and later), without
+    which PyTorch emulates it, slower than fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return None
+        return (f"{torch.cuda.get_device_name(device)} lacks bf16 (compute capability 8.0 or newer: A100, H100, "
+                "RTX 30xx+)")
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes: may go away
+    if any(getattr(torch.cpu, name, lambda: False)() for name in probes):
+        return None
+    return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32"
 
 
 def compile_unavailable(device: torch.device) -> str | None:

@@ -472,7 +472,6 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
     when the run had no epoch left)."""
     cfg, sums, out = state.cfg, state.sums, state.cfg.out
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    amp = cfg.amp and loaders.train.device.type == "cuda"
     policy = StepPolicy(cfg, sums, stop, lambda e, s: save_mid_epoch(state, e, s, rank, world), world)
     row = {}
     for epoch in range(state.epoch, cfg.epochs):
@@ -483,7 +482,7 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
-                            epoch, state.step, amp=amp, after_step=policy, ema=state.ema)
+                            epoch, state.step, amp=cfg.amp, after_step=policy, ema=state.ema)
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)

@@ -1,4 +1,5 @@
-"""The time-to-accuracy levers on tiny data: progressive resizing, alternating flip, weight EMA, --eval-every."""
+"""The time-to-accuracy levers on tiny data: progressive resizing, alternating flip, weight EMA, --eval-every,
+bf16 autocast on the CPU."""
 
 from __future__ import annotations
 
@@ -130,3 +131,27 @@ def test_eval_every_skips_evaluation_between_and_always_evaluates_the_last_epoch
     assert strip(untimed(rows)) == strip(untimed(metrics(every)))
     assert_same_weights(weights(out), weights(every))
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # as on a CPU with bf16 arithmetic
+    seen = []  # (training?, dtype of each convolution's output)
+    conv = torch.nn.Conv2d.forward
+
+    def forward(self, x):
+        out = conv(self, x)
+        seen.append((self.training, out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", forward)
+    amp = tmp_path / "amp"
+    train.main(tiny_args(tiny_folder, amp, "--amp"))
+    assert {d for t, d in seen if t} == {torch.bfloat16}  # training steps under autocast
+    assert {d for t, d in seen if not t} == {torch.float32}  # evaluation (and the pictures) in fp32
+    ckpt = torch.load(amp / "last.pt", weights_only=True)
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32, torch.int64}  # fp32 weights, BN counts
+    res = train.main(["--eval-only", "--resume", str(amp), "--data-dir", tiny_folder, "--device", "cpu"])
+    assert res["test_acc"] == metrics(amp)[-1]["test_acc"]  # the logged accuracy is the checkpoint's, in fp32
+    fp32 = tmp_path / "fp32"
+    train.main(tiny_args(tiny_folder, fp32))
+    assert not torch.equal(weights(amp)["fc.weight"], weights(fp32)["fc.weight"])  # the autocast changed the steps

@@ -43,7 +43,6 @@ BAD_FLAGS = [
     (["--val-split", "200"], "leaves no training images"),
     (["--resume", "/no/such/run"], "does not exist"),
     (["--sync-bn"], "this run is one process"),
-    (["--amp", "--device", "cpu"], "--amp (bf16 autocast) is for CUDA"),
     (["--arch", "plain20", "--zero-init-residual"], "plain net"),
     (["--epochs", "two"], "invalid int value"),
     (["--schedule", "linear", "--milestones", "1"], "--milestones are for --schedule step"),
@@ -60,6 +59,18 @@ BAD_FLAGS = [
 def test_bad_flag_exits_2_with_one_line(tiny_folder, tmp_path, capsys, extra, message):
     code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r") + extra, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("train.py: error:") and message in err, err
+
+
+@pytest.mark.parametrize("probes", ["false", "missing"])
+def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, monkeypatch, probes):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private: a future torch may lack them
+        if probes == "false":
+            monkeypatch.setattr(torch.cpu, probe, lambda: False)
+        else:
+            monkeypatch.delattr(torch.cpu, probe, raising=False)
+    code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--amp"), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "--amp (bf16 autocast): this CPU has no bf16" in err, err
+    assert not any((tmp_path / "r").iterdir())  # nothing written: the same command runs once --amp is dropped
 
 
 def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):

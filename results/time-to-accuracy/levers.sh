@@ -20,10 +20,11 @@ declare -A lever=(
   [flip-alternate]="--flip alternate"
   [crops-24-28]="--crop-sizes 24 24 24 24 28 28"    # 4 epochs on 24x24 crops, 2 on 28x28, then 32x32
   [ema]="--ema 0.999"
+  [amp]="--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema)
+order=(base batch256 flip-alternate crops-24-28 ema amp)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
