@@ -103,8 +103,8 @@ class Config:
     resume: str | None = _process(None, "run dir or checkpoint to continue from (or to evaluate)")
     eval_only: bool = _process(False, "evaluate the --resume checkpoint on the test set")
     device: str = _process("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    amp: bool = _process(False, "bf16 autocast in training (CUDA, compute capability >= 8.0; BN stays fp32); "
-                                "evaluation is fp32")
+    amp: bool = _process(False, "bf16 autocast in training, on CUDA (compute capability >= 8.0) or a CPU with "
+                                "AVX512-BF16 or AMX; weights and BN statistics stay fp32, evaluation is fp32")
     channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
     compile: bool = _process(False, "torch.compile the training model")
     sync_bn: bool = _process(False, "BatchNorm statistics of the global batch across torchrun processes (CPU "
