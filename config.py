@@ -289,6 +289,9 @@ def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
 
 
+CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes: may go away
+
+
 def bf16_unavailable(device: torch.device) -> str | None:
     """Why bf16 autocast (--amp) would not pay on `device`, or None. fp16 would need a GradScaler; bf16 needs
     none, but it needs bf16 arithmetic in hardware: compute capability 8.0 on CUDA (A100, H100, RTX 30xx+); on
@@ -299,8 +302,7 @@ def bf16_unavailable(device: torch.device) -> str | None:
             return None
         return (f"{torch.cuda.get_device_name(device)} lacks bf16 (compute capability 8.0 or newer: A100, H100, "
                 "RTX 30xx+)")
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes: may go away
-    if any(getattr(torch.cpu, name, lambda: False)() for name in probes):
+    if any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16_PROBES):
         return None
     return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32"
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+import config
 import train
 from conftest import assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
 from data import PAD, Loader, augment
@@ -134,7 +135,7 @@ def test_eval_every_skips_evaluation_between_and_always_evaluates_the_last_epoch
 
 
 def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)  # bf16 CPU
+    monkeypatch.setattr(torch.cpu, config.CPU_BF16_PROBES[0], lambda: True, raising=False)  # as a bf16 CPU
     seen = []  # (training?, dtype of each convolution's output)
     conv = torch.nn.Conv2d.forward
 

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import config
 import runs
 import train
 from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
@@ -63,7 +64,7 @@ def test_bad_flag_exits_2_with_one_line(tiny_folder, tmp_path, capsys, extra, me
 
 @pytest.mark.parametrize("probes", ["false", "missing"])
 def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, monkeypatch, probes):
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private: a future torch may lack them
+    for probe in config.CPU_BF16_PROBES:  # private: a future torch may lack them
         if probes == "false":
             monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
         else:
