@@ -21,10 +21,11 @@ declare -A lever=(
   [crops-24-28]="--crop-sizes 24 24 24 24 28 28"    # 4 epochs on 24x24 crops, 2 on 28x28, then 32x32
   [ema]="--ema 0.999"
   [amp]="--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
+  [zero-init]="--zero-init-residual"                 # each block starts as the identity (session 11)
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp)
+order=(base batch256 flip-alternate crops-24-28 ema amp zero-init)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
