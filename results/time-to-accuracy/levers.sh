@@ -22,10 +22,11 @@ declare -A lever=(
   [ema]="--ema 0.999"
   [amp]="--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
   [zero-init]="--zero-init-residual"                 # each block starts as the identity (session 11)
+  [wd-2.5e-4]="--weight-decay 2.5e-4"                # half the weight decay, for a run that underfits (session 11)
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp zero-init)
+order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
