@@ -88,6 +88,8 @@ class Config:
     flip: str = _data("random", "training mirror: random (each image with probability 1/2, every epoch) or "
                                 "alternate (airbench: a seeded half of the images in even epochs, the other "
                                 "half in odd ones)", choices=("random", "alternate"))
+    crop_padding: int = _data(4, "zero padding on each side of a training image before its random crop: "
+                                 "the translation range in pixels (the paper: 4; 0: flips only)")
     crop_sizes: list[int] | None = _data(None, "progressive resizing: the side of the training crops of the "
                                                "first epochs, one value per epoch (e.g. 24 24 28); later "
                                                "epochs, and the test, take whole 32x32 images", nargs="+")
@@ -244,6 +246,8 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
     need(0 <= cfg.ema < 1, f"--ema is a decay per step in [0, 1), got {cfg.ema}")
+    need(0 <= cfg.crop_padding <= IMAGE_SIDE, f"--crop-padding must be in [0, {IMAGE_SIDE}] (pixels), got "
+                                              f"{cfg.crop_padding}")
     if cfg.crop_sizes:
         need(all(MIN_CROP <= c <= IMAGE_SIDE for c in cfg.crop_sizes),
              f"--crop-sizes must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.crop_sizes}")

@@ -8,9 +8,9 @@ Sources (one --data-dir):
 Either is decoded once into uint8 tensors and cached beside the data (<dir>/cifar10-uint8-cache.pt).
 
 The loader keeps its split on the training device as uint8 (airbench's trick): per-sample random crop with
-4-pixel zero padding, horizontal flip and normalisation happen as one gather and one fused multiply-add per
-batch. No PIL, no worker processes. Every epoch's order and augmentation are a pure function of (seed, epoch),
-so a resumed run replays exactly the batches it would have seen.
+zero padding (4 pixels by default), horizontal flip and normalisation happen as one gather and one fused
+multiply-add per batch. No PIL, no worker processes. Every epoch's order and augmentation are a pure function
+of (seed, epoch), so a resumed run replays exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ class Loader:
       flip="random": each image mirrored with probability 1/2 every epoch; "alternate" (airbench): a seeded
       half of the images mirrored in even epochs (0, 2, ...), the other half in odd ones, so every image is
       seen both ways every two epochs.
+      pad: zero padding on each side before the crop, i.e. each image's translation range (the paper's 4).
       crop_sizes: progressive resizing, the crop side of epochs 0, 1, ... (e.g. (24, 24, 28)); later epochs,
       and all when empty, take crops as large as the images.
     train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
@@ -270,11 +271,11 @@ class Loader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
                  crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip: str = "random",
-                 crop_sizes: tuple[int, ...] = ()):
+                 crop_sizes: tuple[int, ...] = (), pad: int = PAD):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
-        self.flip, self.crop_sizes = flip, tuple(crop_sizes)
+        self.flip, self.crop_sizes, self.pad = flip, tuple(crop_sizes), pad
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -294,7 +295,7 @@ class Loader:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n, side = len(self.x), self.x.shape[-1]
         perm = torch.randperm(n, generator=g)
-        dx, dy = torch.randint(0, side + 2 * PAD - self.crop_size(epoch) + 1, (2, n), generator=g)
+        dx, dy = torch.randint(0, side + 2 * self.pad - self.crop_size(epoch) + 1, (2, n), generator=g)
         flip = torch.randint(0, 2, (n,), generator=g)
         if self.flip == "alternate":  # the half flipped in even epochs is drawn once, from the seed alone
             even = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
@@ -317,5 +318,5 @@ class Loader:
             idx = perm[lo:lo + local]
             xb = self.x[idx]
             if self.crop_flip:
-                xb = augment(xb, dx[idx], dy[idx], flip[idx], size=size)
+                xb = augment(xb, dx[idx], dy[idx], flip[idx], self.pad, size)
             yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]

@@ -1,5 +1,5 @@
-"""The time-to-accuracy levers on tiny data: progressive resizing, alternating flip, weight EMA, --eval-every,
-bf16 autocast on the CPU."""
+"""The time-to-accuracy levers on tiny data: progressive resizing, crop padding, alternating flip, weight EMA,
+--eval-every, bf16 autocast on the CPU."""
 
 from __future__ import annotations
 
@@ -42,6 +42,33 @@ def test_crop_sizes_give_each_epoch_its_side_and_offsets_cover_the_padded_image(
         assert dx.min() == dy.min() == 0 and dx.max() == dy.max() == 32 + 2 * PAD - side
     # resuming inside a small-crop epoch replays its batches
     assert torch.equal(next(loader.batches(0, start=2))[0], list(loader.batches(0))[2][0])
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_crop_padding_sets_the_translation_range(pad):
+    x = torch.arange(1, 256 * 3 * 32 * 32 + 1).reshape(256, 3, 32, 32) % 251 + 1  # no pixel is 0 (padding)
+    loader = Loader(x.to(torch.uint8), torch.arange(256) % 10, 128, "cpu", train=True, pad=pad,
+                    mean=(0, 0, 0), std=(1 / 255,) * 3)  # batches hold the raw pixel values
+    perm, dx, dy, flip = loader.augmentation(0)
+    assert dx.min() == dy.min() == 0 and dx.max() == dy.max() == 2 * pad  # offsets cover [0, 2 * pad]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    xb = torch.cat([b for b, _ in loader.batches(0)])  # (256, 3, 32, 32) in perm order
+    for row, i in enumerate(perm[:20].tolist()):
+        crop = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(xb[row].round().long(), crop.flip(2) if flip[i] else crop)
+    assert (xb == 0).any() == (pad > 0)  # zero padding shows only where there is some
+
+
+def test_crop_padding_flag_reaches_the_training_loader_only():
+    from data import Cifar
+
+    x = torch.zeros(300, 3, 32, 32, dtype=torch.uint8)
+    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    for argv, pad in [([], PAD), (["--crop-padding", "1"], 1)]:
+        cfg = config.parse_config([*argv, "--out", "unused", "--val-split", "100"])
+        loaders = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1)
+        assert loaders.train.pad == pad and loaders.train.crop_flip
+        assert not loaders.test.train and not loaders.val.train  # evaluation never crops
 
 
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
@@ -98,8 +125,9 @@ def test_ema_run_evaluates_and_exports_the_averaged_weights(tiny_folder, tmp_pat
     assert torch.equal(exported["model"]["fc.weight"], ckpt["ema"]["fc.weight"])
 
 
-@pytest.mark.parametrize("extra", [["--ema", "0.9"], ["--crop-sizes", "24", "--flip", "alternate"]],
-                         ids=["ema", "resize-alternate"])
+@pytest.mark.parametrize("extra", [["--ema", "0.9"],
+                                   ["--crop-sizes", "24", "--flip", "alternate", "--crop-padding", "2"]],
+                         ids=["ema", "resize-alternate-pad2"])
 def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypatch, extra):
     args = ["--epochs", "3", *extra]
     straight = tmp_path / "straight"

@@ -23,10 +23,15 @@ declare -A lever=(
   [amp]="--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
   [zero-init]="--zero-init-residual"                 # each block starts as the identity (session 11)
   [wd-2.5e-4]="--weight-decay 2.5e-4"                # half the weight decay, for a run that underfits (session 11)
+  [base-seed1]="--seed 1"                            # the noise: the same base on a second seed (session 11)
+  [lr-0.4]="--lr 0.4"                                # twice the fast recipe's peak lr (session 12)
+  [lr-0.4-seed1]="--lr 0.4 --seed 1"
+  [pad-2]="--crop-padding 2"                         # crops shifted by up to 2 pixels, not 4 (session 12)
+  [pad-2-seed1]="--crop-padding 2 --seed 1"
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4)
+order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
