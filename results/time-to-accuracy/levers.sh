@@ -28,10 +28,12 @@ declare -A lever=(
   [lr-0.4-seed1]="--lr 0.4 --seed 1"
   [pad-2]="--crop-padding 2"                         # crops shifted by up to 2 pixels, not 4 (session 12)
   [pad-2-seed1]="--crop-padding 2 --seed 1"
+  [pad-1]="--crop-padding 1"
+  [pad-0]="--crop-padding 0"                         # flips only
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1)
+order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
