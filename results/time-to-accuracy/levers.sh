@@ -30,10 +30,12 @@ declare -A lever=(
   [pad-2-seed1]="--crop-padding 2 --seed 1"
   [pad-1]="--crop-padding 1"
   [pad-0]="--crop-padding 0"                         # flips only
+  [pad-2-alternate]="--crop-padding 2 --flip alternate"
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0)
+order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0
+       pad-2-alternate)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
