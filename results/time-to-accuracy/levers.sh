@@ -32,10 +32,10 @@ declare -A lever=(
   [pad-0]="--crop-padding 0"                         # flips only
   [pad-2-alternate]="--crop-padding 2 --flip alternate"
   [pad-2-lr-0.1]="--crop-padding 2 --lr 0.1"         # half the fast recipe's peak lr (session 13)
-  [pad-2-lr-0.1-seed1]="--crop-padding 2 --lr 0.1 --seed 1"
-  [pad-2-warmup-1]="--crop-padding 2 --warmup-epochs 1"
-  [pad-2-compile]="--crop-padding 2 --compile --eval-every 12"   # one test pass; compiling counts in epoch 1
+  [pad-2-lr-0.1-seed1]="--crop-padding 2 --lr 0.1 --seed 1"  # not run: its seed 0 lost 0.87 points
   [pad-2-batch64]="--crop-padding 2 --batch-size 64 --lr 0.1"   # twice the steps, the same lr per image
+  [pad-2-warmup-1]="--crop-padding 2 --warmup-epochs 1"    # this and the next ones: planned, not run yet
+  [pad-2-compile]="--crop-padding 2 --compile --eval-every 12"   # one test pass; compiling counts in epoch 1
   [pad-2-batch64-seed1]="--crop-padding 2 --batch-size 64 --lr 0.1 --seed 1"
   [pad-2-13ep]="--crop-padding 2 --epochs 13 --eval-every 13"
 )
