@@ -42,7 +42,7 @@ declare -A lever=(
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
 order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0
-       pad-2-alternate pad-2-lr-0.1 pad-2-lr-0.1-seed1 pad-2-warmup-1 pad-2-compile pad-2-batch64
+       pad-2-alternate pad-2-lr-0.1 pad-2-lr-0.1-seed1 pad-2-batch64 pad-2-warmup-1 pad-2-compile
        pad-2-batch64-seed1 pad-2-13ep)
 names=("${@:-${order[@]}}")
 
