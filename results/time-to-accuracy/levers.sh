@@ -37,7 +37,7 @@ declare -A lever=(
   [pad-2-warmup-1]="--crop-padding 2 --warmup-epochs 1"    # this and the next ones: planned, not run yet
   [pad-2-compile]="--crop-padding 2 --compile --eval-every 12"   # one test pass; compiling counts in epoch 1
   [pad-2-batch64-seed1]="--crop-padding 2 --batch-size 64 --lr 0.1 --seed 1"
-  [pad-2-13ep]="--crop-padding 2 --epochs 13 --eval-every 13"
+  [pad-2-13ep]="--crop-padding 2 --epochs 13 --eval-every 13"   # run (session 13), unlike the three above
 )
 # Evaluating only after the last epoch (--eval-every) is not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so its row is derived from base: base's training seconds plus its last evaluation.
