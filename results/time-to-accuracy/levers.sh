@@ -46,13 +46,14 @@ declare -A lever=(
   [pad-2-13ep-24x2-ls-0.2]="--crop-padding 2 --epochs 13 --eval-every 13 --crop-sizes 24 24 --label-smoothing 0.2"
   [pad-2-ls-0.2]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12"    # ran as a trial preset, see README
   [pad-2-ls-0.2-seed1]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12 --seed 1"
+  [pad-2-14ep]="--crop-padding 2 --epochs 14 --eval-every 14"    # how many epochs padding 2 needs on this CPU
 )
 # base's eval-last row (--eval-every 12) is derived, not run: evaluation changes nothing in the training
 # (tests/test_levers.py), so it is base's training seconds plus its last evaluation.
 order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0
        pad-2-alternate pad-2-lr-0.1 pad-2-batch64 pad-2-13ep pad-2-lr-0.1-seed1 pad-2-batch64-seed1 pad-2-warmup-1
        pad-2-compile pad-2-13ep-compile pad-2-13ep-compile-seed1
-       pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1)
+       pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1 pad-2-14ep)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
