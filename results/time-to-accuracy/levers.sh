@@ -34,7 +34,7 @@ declare -A lever=(
   [pad-2-lr-0.1]="--crop-padding 2 --lr 0.1"         # half the fast recipe's peak lr (session 13)
   [pad-2-batch64]="--crop-padding 2 --batch-size 64 --lr 0.1"    # twice the steps, the same lr per image
   [pad-2-13ep]="--crop-padding 2 --epochs 13 --eval-every 13"    # one more epoch, one test pass
-  # planned, not run yet (pad-2-lr-0.1's seed 0 lost 0.87 points; batch64 gained nothing on seed 0)
+  # planned, not run yet except pad-2-warmup-1 (session 14) (pad-2-lr-0.1's seed 0 lost 0.87 points; batch64 gained nothing on seed 0)
   [pad-2-lr-0.1-seed1]="--crop-padding 2 --lr 0.1 --seed 1"
   [pad-2-batch64-seed1]="--crop-padding 2 --batch-size 64 --lr 0.1 --seed 1"
   [pad-2-warmup-1]="--crop-padding 2 --warmup-epochs 1"
