@@ -39,7 +39,7 @@ _data = _section("data")
 _rundir, _process = _section("run directory"), _section("hardware and process", runtime=True)
 
 
-IMAGE_SIDE = 32  # CIFAR's images (and the test's); --crop-sizes trains early epochs on smaller crops
+IMAGE_SIDE = 32  # CIFAR's images (and the test's); --crop-sizes / --resize-to train early epochs smaller
 MIN_CROP = 8  # the nets downsample 8x: an 8x8 crop reaches the last stage as 1x1
 
 
@@ -93,6 +93,10 @@ class Config:
     crop_sizes: list[int] | None = _data(None, "progressive resizing: the side of the training crops of the "
                                                "first epochs, one value per epoch (e.g. 24 24 28); later "
                                                "epochs, and the test, take whole 32x32 images", nargs="+")
+    resize_to: list[int] | None = _data(None, "progressive resizing by downscaling: the side the (augmented) "
+                                              "training images of the first epochs are resized to, one value "
+                                              "per epoch (e.g. 16 16 24); later epochs, and the test, at "
+                                              "32x32", nargs="+")
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -253,6 +257,12 @@ def validate(cfg: Config) -> None:
              f"--crop-sizes must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.crop_sizes}")
         need(len(cfg.crop_sizes) < cfg.epochs, f"--crop-sizes lists {len(cfg.crop_sizes)} epochs; the run "
                                                f"has {cfg.epochs}, and its last ones train on whole images")
+    if cfg.resize_to:
+        need(not cfg.crop_sizes, "--resize-to and --crop-sizes are two kinds of progressive resizing; give one")
+        need(all(MIN_CROP <= c <= IMAGE_SIDE for c in cfg.resize_to),
+             f"--resize-to must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.resize_to}")
+        need(len(cfg.resize_to) < cfg.epochs, f"--resize-to lists {len(cfg.resize_to)} epochs; the run has "
+                                              f"{cfg.epochs}, and its last ones train on 32x32 images")
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")

@@ -262,8 +262,11 @@ class Loader:
       half of the images mirrored in even epochs (0, 2, ...), the other half in odd ones, so every image is
       seen both ways every two epochs.
       pad: zero padding on each side before the crop, i.e. each image's translation range (the paper's 4).
-      crop_sizes: progressive resizing, the crop side of epochs 0, 1, ... (e.g. (24, 24, 28)); later epochs,
-      and all when empty, take crops as large as the images.
+      crop_sizes: progressive resizing by cropping, the crop side of epochs 0, 1, ... (e.g. (24, 24, 28));
+      later epochs, and all when empty, take crops as large as the images.
+      resize_to: progressive resizing by downscaling, the side of epochs 0, 1, ... (e.g. (16, 16, 24)): each
+      augmented whole-image crop resized to it (bilinear, antialiased), so the net sees all of every image at
+      a lower resolution; later epochs, and all when empty, at the images' own side.
     train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
     once.
     """
@@ -271,11 +274,12 @@ class Loader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
                  crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip: str = "random",
-                 crop_sizes: tuple[int, ...] = (), pad: int = PAD):
+                 crop_sizes: tuple[int, ...] = (), pad: int = PAD, resize_to: tuple[int, ...] = ()):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
         self.flip, self.crop_sizes, self.pad = flip, tuple(crop_sizes), pad
+        self.resize_to = tuple(resize_to)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -288,6 +292,10 @@ class Loader:
 
     def crop_size(self, epoch: int) -> int:
         return self.crop_sizes[epoch] if epoch < len(self.crop_sizes) else self.x.shape[-1]
+
+    def input_side(self, epoch: int) -> int:
+        """The side of the images the net sees in `epoch`: the crop's, or the one --resize-to scales it to."""
+        return self.resize_to[epoch] if epoch < len(self.resize_to) else self.crop_size(epoch)
 
     def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:
         """(perm, dx, dy, flip) of `epoch`, each (N,) on the device: the order, and each image's crop offsets
@@ -304,7 +312,7 @@ class Loader:
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs float (b, 3, S, S), labels (b,)) from step `start` of `epoch`; S is 32 for CIFAR, or
-        the epoch's crop size while resizing."""
+        the epoch's side while resizing (input_side)."""
         if not self.train:
             idx_all = torch.arange(self.rank, len(self.x), self.world, device=self.device)
             for i in range(start * self.batch_size, len(idx_all), self.batch_size):
@@ -312,11 +320,14 @@ class Loader:
                 yield normalize(self.x[idx], self.channels_last, self.mean, self.std), self.y[idx]
             return
         perm, dx, dy, flip = self.augmentation(epoch)
-        size, local = self.crop_size(epoch), self.batch_size // self.world
+        size, side, local = self.crop_size(epoch), self.input_side(epoch), self.batch_size // self.world
         for step in range(start, len(self)):
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
             xb = self.x[idx]
             if self.crop_flip:
                 xb = augment(xb, dx[idx], dy[idx], flip[idx], self.pad, size)
-            yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]
+            xb = normalize(xb, self.channels_last, self.mean, self.std)
+            if side != size:  # (b, 3, size, size) -> (b, 3, side, side)
+                xb = F.interpolate(xb, size=(side, side), mode="bilinear", antialias=True)
+            yield xb, self.y[idx]

@@ -1,5 +1,5 @@
-"""The time-to-accuracy levers on tiny data: progressive resizing, crop padding, alternating flip, weight EMA,
---eval-every, bf16 autocast on the CPU."""
+"""The time-to-accuracy levers on tiny data: progressive resizing (cropping and downscaling), crop padding,
+alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU."""
 
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ def test_crop_sizes_give_each_epoch_its_side_and_offsets_cover_the_padded_image(
         assert dx.min() == dy.min() == 0 and dx.max() == dy.max() == 32 + 2 * PAD - side
     # resuming inside a small-crop epoch replays its batches
     assert torch.equal(next(loader.batches(0, start=2))[0], list(loader.batches(0))[2][0])
+
+
+def test_resize_to_scales_the_epochs_augmented_images_down_whole():
+    x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(512) % 10
+    plain = Loader(x, y, 128, "cpu", train=True, channels_last=True, pad=2)
+    resized = Loader(x, y, 128, "cpu", train=True, channels_last=True, pad=2, resize_to=(16, 24))
+    for epoch, side in [(0, 16), (1, 24), (2, 32)]:
+        for (a, ya), (b, yb) in zip(plain.batches(epoch), resized.batches(epoch)):
+            assert b.shape == (128, 3, side, side) and torch.equal(ya, yb)  # the same images, crops and flips
+            expect = torch.nn.functional.interpolate(a, size=(side, side), mode="bilinear", antialias=True)
+            assert torch.allclose(b, expect, atol=1e-5)  # the whole crop, scaled: nothing cut off
+            assert b.is_contiguous(memory_format=torch.channels_last)
+    assert resized.input_side(0) == 16 and resized.input_side(2) == plain.input_side(0) == 32
 
 
 @pytest.mark.parametrize("pad", [0, 2])
@@ -126,15 +140,16 @@ def test_ema_run_evaluates_and_exports_the_averaged_weights(tiny_folder, tmp_pat
 
 
 @pytest.mark.parametrize("extra", [["--ema", "0.9"],
-                                   ["--crop-sizes", "24", "--flip", "alternate", "--crop-padding", "2"]],
-                         ids=["ema", "resize-alternate-pad2"])
+                                   ["--crop-sizes", "24", "--flip", "alternate", "--crop-padding", "2"],
+                                   ["--resize-to", "16", "--crop-padding", "2"]],
+                         ids=["ema", "crop-alternate-pad2", "downscale-pad2"])
 def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypatch, extra):
     args = ["--epochs", "3", *extra]
     straight = tmp_path / "straight"
     train.main(tiny_args(tiny_folder, straight, *args))
     broken = tmp_path / "broken"
     with monkeypatch.context() as m:
-        interrupt_at(m, "batches", 0, 2)  # inside epoch 1 (the 24x24 one)
+        interrupt_at(m, "batches", 0, 2)  # inside epoch 1 (the 24x24 or 16x16 one)
         with pytest.raises(SystemExit):
             train.main(tiny_args(tiny_folder, broken, *args))
     train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])

@@ -48,13 +48,24 @@ declare -A lever=(
   [pad-2-ls-0.2]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12"    # ran as a trial preset, see README
   [pad-2-ls-0.2-seed1]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12 --seed 1"
   [pad-2-14ep]="--crop-padding 2 --epochs 14 --eval-every 14"    # how many epochs padding 2 needs on this CPU
+  # session 15: the peak lr between 0.2 (the fast recipe) and 0.4, which lost nothing at padding 4 (session 12)
+  [pad-2-lr-0.3]="--crop-padding 2 --lr 0.3 --eval-every 12"
+  [pad-2-lr-0.3-seed1]="--crop-padding 2 --lr 0.3 --eval-every 12 --seed 1"
+  # session 15: progressive resizing by downscaling whole images (--resize-to), 16 epochs in the time of ~12
+  [pad-2-16ep-rz]="--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24"
+  [pad-2-16ep-rz-seed1]="--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24 --seed 1"
+  # does padding 2 still lead padding 4 at 18 epochs (the length --amp affords on an AMX Xeon)?
+  [pad-2-18ep]="--crop-padding 2 --epochs 18 --eval-every 2"
+  [pad-4-18ep]="--epochs 18 --eval-every 2"
 )
 # A run that evaluated more than once also gets an eval-last row, derived, not run: evaluation changes nothing in
 # the training (tests/test_levers.py), so it is the run's training seconds plus its last evaluation.
 order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0
        pad-2-alternate pad-2-lr-0.1 pad-2-batch64 pad-2-13ep pad-2-lr-0.1-seed1 pad-2-batch64-seed1 pad-2-warmup-1
        pad-2-compile pad-2-13ep-compile pad-2-13ep-compile-seed1
-       pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1 pad-2-14ep)
+       pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1 pad-2-14ep
+       pad-2-lr-0.3 pad-2-lr-0.3-seed1 pad-2-16ep-rz pad-2-16ep-rz-seed1
+       pad-2-18ep pad-4-18ep)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
