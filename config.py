@@ -252,17 +252,14 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.ema < 1, f"--ema is a decay per step in [0, 1), got {cfg.ema}")
     need(0 <= cfg.crop_padding <= IMAGE_SIDE, f"--crop-padding must be in [0, {IMAGE_SIDE}] (pixels), got "
                                               f"{cfg.crop_padding}")
-    if cfg.crop_sizes:
-        need(all(MIN_CROP <= c <= IMAGE_SIDE for c in cfg.crop_sizes),
-             f"--crop-sizes must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.crop_sizes}")
-        need(len(cfg.crop_sizes) < cfg.epochs, f"--crop-sizes lists {len(cfg.crop_sizes)} epochs; the run "
-                                               f"has {cfg.epochs}, and its last ones train on whole images")
-    if cfg.resize_to:
-        need(not cfg.crop_sizes, "--resize-to and --crop-sizes are two kinds of progressive resizing; give one")
-        need(all(MIN_CROP <= c <= IMAGE_SIDE for c in cfg.resize_to),
-             f"--resize-to must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {cfg.resize_to}")
-        need(len(cfg.resize_to) < cfg.epochs, f"--resize-to lists {len(cfg.resize_to)} epochs; the run has "
-                                              f"{cfg.epochs}, and its last ones train on 32x32 images")
+    need(not (cfg.crop_sizes and cfg.resize_to),
+         "--resize-to and --crop-sizes are two kinds of progressive resizing; give one")
+    for flag, sides in (("--crop-sizes", cfg.crop_sizes), ("--resize-to", cfg.resize_to)):
+        if sides:
+            need(all(MIN_CROP <= c <= IMAGE_SIDE for c in sides),
+                 f"{flag} must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {sides}")
+            need(len(sides) < cfg.epochs, f"{flag} lists {len(sides)} epochs; the run has {cfg.epochs}, and "
+                                          "its last ones train on whole 32x32 images")
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
