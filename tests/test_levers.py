@@ -1,16 +1,18 @@
 """The time-to-accuracy levers on tiny data: progressive resizing (cropping and downscaling), crop padding,
-alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU."""
+alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU, freed memory kept in the process."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import config
 import train
-from conftest import assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
+from conftest import ROOT, assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
 from data import PAD, Loader, augment
 
 
@@ -199,3 +201,25 @@ def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_pa
     fp32 = tmp_path / "fp32"
     train.main(tiny_args(tiny_folder, fp32))
     assert not torch.equal(weights(amp)["fc.weight"], weights(fp32)["fc.weight"])  # the autocast changed the steps
+
+
+FAULTS = """
+import resource, sys, torch, config
+if sys.argv[1] == "keep":
+    assert config.keep_freed_memory()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(2**24)  # 64 MB, freed at once: the size of a large activation
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()  # the first round maps the memory in any case
+print(faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_stops_freed_tensors_from_faulting_back_in():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 20 * 32  # glibc's default: each freed tensor goes back (32 pages of 2 MB at least)
+    assert faults["keep"] * 4 < faults["default"], faults  # kept: reused, at most a few faults
