@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import warnings
 
 import torch
 from torch import nn
@@ -50,14 +51,17 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     kuangliu/pytorch-cifar (converted on the fly, see from_peer_checkpoint).
     """
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
-    except Exception as e:  # UnpicklingError (unsafe payload), RuntimeError (torn/corrupt zip), EOFError...
-        kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "weights_only" in str(e) \
-            else "unreadable (truncated or corrupt)"
+    except Exception as e:  # UnpicklingError (a class or function to import, or not a pickle), RuntimeError
+        # (a torn or corrupt zip), EOFError (empty)...
+        kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "Unsupported global" in str(e) \
+            else "unreadable (truncated, corrupt, or not a PyTorch file)"
         raise CheckpointError(f"checkpoint {path} is {kind}") from None
     if isinstance(ckpt, dict) and "model" not in ckpt:
         peer = next((key for key in PEER_FORMATS if isinstance(ckpt.get(key), dict)), None)

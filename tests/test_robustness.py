@@ -147,7 +147,18 @@ def test_truncated_checkpoint_gives_clear_error(tiny_folder, good_run, capsys):
     path.write_bytes(data[: len(data) // 2])
     for args in (["--resume", str(good_run)], ["--eval-only", "--resume", str(path)]):
         code, err = run_main_expect_exit(args + ["--data-dir", tiny_folder, "--device", "cpu"], capsys)
-        assert code == 2 and len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(path) in err
+        assert code == 2 and len(err.splitlines()) == 1 and "unreadable (truncated" in err and str(path) in err
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", pickle.dumps([1, 2], protocol=4), b"PK\x03\x04" + bytes(60)],
+                         ids=["empty", "text", "plain-pickle", "zip-header"])
+def test_a_file_that_is_no_checkpoint_is_unreadable_not_unsafe(tiny_folder, tmp_path, capsys, content):
+    path = tmp_path / "not-a-checkpoint.pt"
+    path.write_bytes(content)
+    code, err = run_main_expect_exit(["--eval-only", "--resume", str(path), "--data-dir", tiny_folder,
+                                      "--device", "cpu"], capsys)
+    assert code == 2 and err == f"train.py: error: checkpoint {path} is unreadable (truncated, corrupt, or not a " \
+                                "PyTorch file)"
 
 
 def test_eval_only_refuses_flags_it_would_ignore(tiny_folder, good_run, capsys):
