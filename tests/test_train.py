@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -103,6 +104,15 @@ def test_fast_recipe_sets_defaults_and_flags_still_win():
     cfg = train.parse_config(["--recipe", "fast", "--out", "x"])
     assert (cfg.epochs, cfg.schedule, cfg.lr, cfg.warmup_epochs) == (20, "linear", 0.2, 2.0)
     assert train.parse_config(["--recipe", "fast", "--epochs", "12", "--out", "x"]).epochs == 12
+
+
+def test_fast16_recipe_is_fast_in_16_epochs_with_crops_shifted_by_2():
+    """README's fast16 runs were started as --recipe fast --epochs 16 --crop-padding 2: the same config."""
+    preset = dataclasses.asdict(train.parse_config(["--recipe", "fast16", "--out", "x"]))
+    flags = dataclasses.asdict(train.parse_config(["--recipe", "fast", "--epochs", "16", "--crop-padding", "2",
+                                                   "--out", "x"]))
+    assert (preset.pop("recipe"), flags.pop("recipe")) == ("fast16", "fast")
+    assert preset == flags and preset["crop_padding"] == 2
 
 
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
