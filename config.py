@@ -356,9 +356,9 @@ def channels_last_fault(model: torch.nn.Module, device: torch.device) -> str | N
 
 def keep_freed_memory() -> bool:
     """Stop glibc's malloc from giving freed tensors back to the OS. By default every large activation is
-    unmapped when freed and page-faulted back in, zeroed by the kernel, at the next step: on a CPU run that
-    is about a tenth of the process's time, spent in the kernel. Process-wide; True where it applied (Linux
-    with glibc), False elsewhere, where there is nothing to do."""
+    unmapped when freed and page-faulted back in, zeroed by the kernel, at the next step: 4-10% of a CPU run's
+    time went to that in the kernel on a 2-core EPYC (README, session 16). Process-wide; True where it applied
+    (Linux with glibc), False elsewhere, where there is nothing to do."""
     if not sys.platform.startswith("linux"):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the interpreter runs on
