@@ -264,11 +264,14 @@ def validate(cfg: Config) -> None:
                  f"{flag} must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {sides}")
             need(len(sides) < cfg.epochs, f"{flag} lists {len(sides)} epochs; the run has {cfg.epochs}, and "
                                           "its last ones train on whole 32x32 images")
+    preset = RECIPES[cfg.recipe].get("warmup_epochs")  # a short run of a preset: say where the value came from
+    origin = f" (--recipe {cfg.recipe} sets {preset}: give --warmup-epochs for --epochs {cfg.epochs})" \
+        if preset is not None and cfg.warmup_epochs == preset else ""
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
-         f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}")
+         f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}{origin}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
     need(cfg.schedule == "step" or cfg.warmup_length() < cfg.epochs,
-         "--schedule linear needs --warmup-epochs below --epochs")
+         f"--schedule linear needs --warmup-epochs below --epochs{origin}")
     need(cfg.schedule == "step" or not cfg.milestones, "--milestones are for --schedule step")
     if cfg.milestones:
         m = cfg.milestones

@@ -56,6 +56,8 @@ BAD_FLAGS = [
     (["--flip", "never"], "invalid choice"),
     (["--ema", "1"], "--ema is a decay per step in [0, 1)"),
     (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--recipe", "fast16", "--epochs", "1"], "got 2.0 (--recipe fast16 sets 2.0: give --warmup-epochs for --epochs 1)"),
+    (["--recipe", "fast"], "below --epochs (--recipe fast sets 2.0: give --warmup-epochs for --epochs 2)"),
 ]
 
 
