@@ -63,6 +63,7 @@ declare -A lever=(
   # session 16, with freed memory kept in the process (config.keep_freed_memory): between 14 and 18 epochs
   [pad-2-16ep]="--crop-padding 2 --epochs 16 --eval-every 16"
   [pad-2-16ep-seed1]="--crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
+  [pad-2-16ep-seed2]="--crop-padding 2 --epochs 16 --eval-every 16 --seed 2"    # session 17: a third seed
   # for a CPU with AMX (bf16): --recipe fast16 --amp with one test pass (written out: base's --epochs 12 would win)
   [amp-fast16]="--amp --crop-padding 2 --epochs 16 --eval-every 16"
   [amp-fast16-seed1]="--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
@@ -74,7 +75,7 @@ order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base
        pad-2-compile pad-2-13ep-compile pad-2-13ep-compile-seed1
        pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1 pad-2-14ep
        pad-2-lr-0.3 pad-2-lr-0.3-seed1 pad-2-16ep-rz pad-2-16ep-rz-seed1
-       pad-2-18ep pad-4-18ep amp-pad-2-18ep amp-pad-2-18ep-seed1 pad-2-16ep pad-2-16ep-seed1
+       pad-2-18ep pad-4-18ep amp-pad-2-18ep amp-pad-2-18ep-seed1 pad-2-16ep pad-2-16ep-seed1 pad-2-16ep-seed2
        amp-fast16 amp-fast16-seed1)
 names=("${@:-${order[@]}}")
 
