@@ -14,69 +14,69 @@ shift $(( $# < 2 ? $# : 2 ))
 python=${PYTHON:-python}
 
 base=(--recipe fast --epochs 12)  # 12 epochs: ~855 s on the Xeon the target was set on, at batch 128
-declare -A lever=(
-  [base]=""
-  [batch256]="--batch-size 256 --lr 0.4"             # the linear scaling rule: lr doubles with the batch
-  [flip-alternate]="--flip alternate"
-  [crops-24-28]="--crop-sizes 24 24 24 24 28 28"    # 4 epochs on 24x24 crops, 2 on 28x28, then 32x32
-  [ema]="--ema 0.999"
-  [amp]="--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
-  [zero-init]="--zero-init-residual"                 # each block starts as the identity (session 11)
-  [wd-2.5e-4]="--weight-decay 2.5e-4"                # half the weight decay, for a run that underfits (session 11)
-  [base-seed1]="--seed 1"                            # the noise: the same base on a second seed (session 11)
-  [lr-0.4]="--lr 0.4"                                # twice the fast recipe's peak lr (session 12)
-  [lr-0.4-seed1]="--lr 0.4 --seed 1"
-  [pad-2]="--crop-padding 2"                         # crops shifted by up to 2 pixels, not 4 (session 12)
-  [pad-2-seed1]="--crop-padding 2 --seed 1"
-  [pad-1]="--crop-padding 1"
-  [pad-0]="--crop-padding 0"                         # flips only
-  [pad-2-alternate]="--crop-padding 2 --flip alternate"
-  [pad-2-lr-0.1]="--crop-padding 2 --lr 0.1"         # half the fast recipe's peak lr (session 13)
-  [pad-2-batch64]="--crop-padding 2 --batch-size 64 --lr 0.1"    # twice the steps, the same lr per image
-  [pad-2-13ep]="--crop-padding 2 --epochs 13 --eval-every 13"    # one more epoch, one test pass
+# NAME "FLAGS on top of base", in the order they were added (the default: all of them)
+levers=(
+  base ""
+  batch256 "--batch-size 256 --lr 0.4"             # the linear scaling rule: lr doubles with the batch
+  flip-alternate "--flip alternate"
+  crops-24-28 "--crop-sizes 24 24 24 24 28 28"    # 4 epochs on 24x24 crops, 2 on 28x28, then 32x32
+  ema "--ema 0.999"
+  amp "--amp"                                      # bf16 autocast: a CPU with AVX512-BF16 or AMX (session 10)
+  zero-init "--zero-init-residual"                 # each block starts as the identity (session 11)
+  wd-2.5e-4 "--weight-decay 2.5e-4"                # half the weight decay, for a run that underfits (session 11)
+  base-seed1 "--seed 1"                            # the noise: the same base on a second seed (session 11)
+  lr-0.4 "--lr 0.4"                                # twice the fast recipe's peak lr (session 12)
+  lr-0.4-seed1 "--lr 0.4 --seed 1"
+  pad-2 "--crop-padding 2"                         # crops shifted by up to 2 pixels, not 4 (session 12)
+  pad-2-seed1 "--crop-padding 2 --seed 1"
+  pad-1 "--crop-padding 1"
+  pad-0 "--crop-padding 0"                         # flips only
+  pad-2-alternate "--crop-padding 2 --flip alternate"
+  pad-2-lr-0.1 "--crop-padding 2 --lr 0.1"         # half the fast recipe's peak lr (session 13)
+  pad-2-batch64 "--crop-padding 2 --batch-size 64 --lr 0.1"    # twice the steps, the same lr per image
+  pad-2-13ep "--crop-padding 2 --epochs 13 --eval-every 13"    # one more epoch, one test pass
   # planned in session 13 (pad-2-lr-0.1's seed 0 lost 0.87 points; batch64 gained nothing on seed 0); of these,
   # only pad-2-warmup-1 ran (session 14)
-  [pad-2-lr-0.1-seed1]="--crop-padding 2 --lr 0.1 --seed 1"
-  [pad-2-batch64-seed1]="--crop-padding 2 --batch-size 64 --lr 0.1 --seed 1"
-  [pad-2-warmup-1]="--crop-padding 2 --warmup-epochs 1"
-  [pad-2-compile]="--crop-padding 2 --compile --eval-every 12"   # one test pass; compiling counts in epoch 1
+  pad-2-lr-0.1-seed1 "--crop-padding 2 --lr 0.1 --seed 1"
+  pad-2-batch64-seed1 "--crop-padding 2 --batch-size 64 --lr 0.1 --seed 1"
+  pad-2-warmup-1 "--crop-padding 2 --warmup-epochs 1"
+  pad-2-compile "--crop-padding 2 --compile --eval-every 12"   # one test pass; compiling counts in epoch 1
   # session 14 (pad-2-13ep-compile-seed1 stopped in its first epoch: compile bought nothing on seed 0)
-  [pad-2-13ep-compile]="--crop-padding 2 --epochs 13 --eval-every 13 --compile"
-  [pad-2-13ep-compile-seed1]="--crop-padding 2 --epochs 13 --eval-every 13 --compile --seed 1"
-  [pad-2-13ep-24x2]="--crop-padding 2 --epochs 13 --eval-every 13 --crop-sizes 24 24"    # 2 epochs on 24x24 crops
-  [pad-2-13ep-24x2-ls-0.2]="--crop-padding 2 --epochs 13 --eval-every 13 --crop-sizes 24 24 --label-smoothing 0.2"
-  [pad-2-ls-0.2]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12"    # ran as a trial preset, see README
-  [pad-2-ls-0.2-seed1]="--crop-padding 2 --label-smoothing 0.2 --eval-every 12 --seed 1"
-  [pad-2-14ep]="--crop-padding 2 --epochs 14 --eval-every 14"    # how many epochs padding 2 needs on this CPU
+  pad-2-13ep-compile "--crop-padding 2 --epochs 13 --eval-every 13 --compile"
+  pad-2-13ep-compile-seed1 "--crop-padding 2 --epochs 13 --eval-every 13 --compile --seed 1"
+  pad-2-13ep-24x2 "--crop-padding 2 --epochs 13 --eval-every 13 --crop-sizes 24 24"    # 2 epochs on 24x24 crops
+  pad-2-13ep-24x2-ls-0.2 "--crop-padding 2 --epochs 13 --eval-every 13 --crop-sizes 24 24 --label-smoothing 0.2"
+  pad-2-ls-0.2 "--crop-padding 2 --label-smoothing 0.2 --eval-every 12"    # ran as a trial preset (README.md here)
+  pad-2-ls-0.2-seed1 "--crop-padding 2 --label-smoothing 0.2 --eval-every 12 --seed 1"
+  pad-2-14ep "--crop-padding 2 --epochs 14 --eval-every 14"    # how many epochs padding 2 needs on this CPU
   # session 15: the peak lr between 0.2 (the fast recipe) and 0.4, which lost nothing at padding 4 (session 12)
-  [pad-2-lr-0.3]="--crop-padding 2 --lr 0.3 --eval-every 12"
-  [pad-2-lr-0.3-seed1]="--crop-padding 2 --lr 0.3 --eval-every 12 --seed 1"
+  pad-2-lr-0.3 "--crop-padding 2 --lr 0.3 --eval-every 12"
+  pad-2-lr-0.3-seed1 "--crop-padding 2 --lr 0.3 --eval-every 12 --seed 1"
   # session 15: progressive resizing by downscaling whole images (--resize-to), 16 epochs in the time of ~12
-  [pad-2-16ep-rz]="--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24"
-  [pad-2-16ep-rz-seed1]="--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24 --seed 1"
+  pad-2-16ep-rz "--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24"
+  pad-2-16ep-rz-seed1 "--crop-padding 2 --epochs 16 --resize-to 16 16 20 20 24 24 24 --seed 1"
   # does padding 2 still lead padding 4 at 18 epochs (the length --amp affords on an AMX Xeon)?
-  [pad-2-18ep]="--crop-padding 2 --epochs 18 --eval-every 2"
-  [pad-4-18ep]="--epochs 18 --eval-every 2"
+  pad-2-18ep "--crop-padding 2 --epochs 18 --eval-every 2"
+  pad-4-18ep "--epochs 18 --eval-every 2"
   # planned for a CPU with AMX (bf16), where --amp affords 18 epochs in a quarter of the classic run (not run yet)
-  [amp-pad-2-18ep]="--amp --crop-padding 2 --epochs 18 --eval-every 18"
-  [amp-pad-2-18ep-seed1]="--amp --crop-padding 2 --epochs 18 --eval-every 18 --seed 1"
+  amp-pad-2-18ep "--amp --crop-padding 2 --epochs 18 --eval-every 18"
+  amp-pad-2-18ep-seed1 "--amp --crop-padding 2 --epochs 18 --eval-every 18 --seed 1"
   # session 16, with freed memory kept in the process (config.keep_freed_memory): between 14 and 18 epochs
-  [pad-2-16ep]="--crop-padding 2 --epochs 16 --eval-every 16"
-  [pad-2-16ep-seed1]="--crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
-  [pad-2-16ep-seed2]="--crop-padding 2 --epochs 16 --eval-every 16 --seed 2"    # session 17: a third seed
+  pad-2-16ep "--crop-padding 2 --epochs 16 --eval-every 16"
+  pad-2-16ep-seed1 "--crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
+  pad-2-16ep-seed2 "--crop-padding 2 --epochs 16 --eval-every 16 --seed 2"    # session 17: a third seed
   # for a CPU with AMX (bf16): --recipe fast16 --amp with one test pass (written out: base's --epochs 12 would win)
-  [amp-fast16]="--amp --crop-padding 2 --epochs 16 --eval-every 16"
-  [amp-fast16-seed1]="--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
+  amp-fast16 "--amp --crop-padding 2 --epochs 16 --eval-every 16"
+  amp-fast16-seed1 "--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
 )
+declare -A lever=()
+order=()
+for ((i = 0; i < ${#levers[@]}; i += 2)); do
+  lever[${levers[i]}]=${levers[i + 1]}
+  order+=("${levers[i]}")
+done
 # A run that evaluated more than once also gets an eval-last row, derived, not run: evaluation changes nothing in
 # the training (tests/test_levers.py), so it is the run's training seconds plus its last evaluation.
-order=(base batch256 flip-alternate crops-24-28 ema amp zero-init wd-2.5e-4 base-seed1 lr-0.4 lr-0.4-seed1 pad-2 pad-2-seed1 pad-1 pad-0
-       pad-2-alternate pad-2-lr-0.1 pad-2-batch64 pad-2-13ep pad-2-lr-0.1-seed1 pad-2-batch64-seed1 pad-2-warmup-1
-       pad-2-compile pad-2-13ep-compile pad-2-13ep-compile-seed1
-       pad-2-13ep-24x2 pad-2-13ep-24x2-ls-0.2 pad-2-ls-0.2 pad-2-ls-0.2-seed1 pad-2-14ep
-       pad-2-lr-0.3 pad-2-lr-0.3-seed1 pad-2-16ep-rz pad-2-16ep-rz-seed1
-       pad-2-18ep pad-4-18ep amp-pad-2-18ep amp-pad-2-18ep-seed1 pad-2-16ep pad-2-16ep-seed1 pad-2-16ep-seed2
-       amp-fast16 amp-fast16-seed1)
 names=("${@:-${order[@]}}")
 
 for name in "${names[@]}"; do
