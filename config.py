@@ -23,8 +23,8 @@ RECIPES = {
     "paper": dict(epochs=182, milestones=[91.2, 136.8], lr=0.1, batch_size=128, momentum=0.9, nesterov=False,
                   weight_decay=1e-4, label_smoothing=0.0, warmup_epochs=0.0, val_split=5000),
     "fast": FAST,
-    # fast in 16 epochs with crops shifted by at most 2 pixels, not 4: the classic loop's 30-epoch accuracy on two
-    # seeds in about a third of its time on a 2-core CPU (README, "Speed", session 16)
+    # fast in 16 epochs with crops shifted by at most 2 pixels, not 4: the classic loop's 30-epoch accuracy on three
+    # seeds in about a third of its time on a 2-core CPU (README, "Speed"; results/time-to-accuracy/README.md)
     "fast16": FAST | dict(epochs=16, crop_padding=2),
 }
 
@@ -361,9 +361,9 @@ def channels_last_fault(model: torch.nn.Module, device: torch.device) -> str | N
 def keep_freed_memory() -> bool:
     """Stop glibc's malloc from giving freed tensors back to the OS. By default every large activation is
     unmapped when freed and page-faulted back in, zeroed by the kernel, at the next step: 3-10% of a CPU run's
-    time went to that in the kernel on a 2-core EPYC (README, session 16). The price: freed blocks stay with
-    the process (a peak of 1.61 GB resident against 1.39 GB there). Process-wide; True where it applied (Linux
-    with glibc), False elsewhere, where there is nothing to do."""
+    time went to that in the kernel on a 2-core EPYC (results/time-to-accuracy/README.md, session 16). The
+    price: freed blocks stay with the process (a peak of 1.61 GB resident against 1.39 GB there).
+    Process-wide; True where it applied (Linux with glibc), False elsewhere, where there is nothing to do."""
     if not sys.platform.startswith("linux"):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the interpreter runs on
