@@ -65,6 +65,7 @@ levers=(
   pad-2-16ep "--crop-padding 2 --epochs 16 --eval-every 16"
   pad-2-16ep-seed1 "--crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
   pad-2-16ep-seed2 "--crop-padding 2 --epochs 16 --eval-every 16 --seed 2"    # session 17: a third seed
+  pad-2-seed2 "--crop-padding 2 --eval-every 12 --seed 2"    # session 17: a third seed of 12 epochs at padding 2
   # for a CPU with AMX (bf16): --recipe fast16 --amp with one test pass (written out: base's --epochs 12 would win)
   amp-fast16 "--amp --crop-padding 2 --epochs 16 --eval-every 16"
   amp-fast16-seed1 "--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
