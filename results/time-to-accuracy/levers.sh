@@ -69,6 +69,9 @@ levers=(
   # for a CPU with AMX (bf16): --recipe fast16 --amp with one test pass (written out: base's --epochs 12 would win)
   amp-fast16 "--amp --crop-padding 2 --epochs 16 --eval-every 16"
   amp-fast16-seed1 "--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
+  # session 18: no label smoothing, for a 12-epoch run that underfits (0.2 lost 0.35 and 0.31 points)
+  pad-2-ls-0 "--crop-padding 2 --label-smoothing 0 --eval-every 12"
+  pad-2-ls-0-seed1 "--crop-padding 2 --label-smoothing 0 --eval-every 12 --seed 1"
 )
 declare -A lever=()
 order=()
