@@ -102,6 +102,8 @@ class Config:
                                               "training images of the first epochs are resized to, one value "
                                               "per epoch (e.g. 16 16 24); later epochs, and the test, at "
                                               "32x32", nargs="+")
+    clean_epochs: int = _data(0, "train the last N epochs on the images as they are, with no crop shift and no "
+                                 "flip: the test's images, while the learning rate is lowest")
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -257,14 +259,16 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.ema < 1, f"--ema is a decay per step in [0, 1), got {cfg.ema}")
     need(0 <= cfg.crop_padding <= IMAGE_SIDE, f"--crop-padding must be in [0, {IMAGE_SIDE}] (pixels), got "
                                               f"{cfg.crop_padding}")
+    need(0 <= cfg.clean_epochs < cfg.epochs, f"--clean-epochs must be in [0, --epochs), got {cfg.clean_epochs}")
     need(not (cfg.crop_sizes and cfg.resize_to),
          "--resize-to and --crop-sizes are two kinds of progressive resizing; give one")
     for flag, sides in (("--crop-sizes", cfg.crop_sizes), ("--resize-to", cfg.resize_to)):
         if sides:
             need(all(MIN_CROP <= c <= IMAGE_SIDE for c in sides),
                  f"{flag} must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {sides}")
-            need(len(sides) < cfg.epochs, f"{flag} lists {len(sides)} epochs; the run has {cfg.epochs}, and "
-                                          "its last ones train on whole 32x32 images")
+            clean = f", the last {cfg.clean_epochs} clean (--clean-epochs)" if cfg.clean_epochs else ""
+            need(len(sides) + cfg.clean_epochs < cfg.epochs, f"{flag} lists {len(sides)} epochs; the run has "
+                 f"{cfg.epochs}{clean}, and its last augmented ones train on whole 32x32 images")
     preset = RECIPES[cfg.recipe].get("warmup_epochs")  # a short run of a preset: say where the value came from
     origin = f" (--recipe {cfg.recipe} sets {preset}: give --warmup-epochs for --epochs {cfg.epochs})" \
         if preset is not None and cfg.warmup_epochs == preset else ""

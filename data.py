@@ -267,6 +267,8 @@ class Loader:
       resize_to: progressive resizing by downscaling, the side of epochs 0, 1, ... (e.g. (16, 16, 24)): each
       augmented whole-image crop resized to it (bilinear, antialiased), so the net sees all of every image at
       a lower resolution; later epochs, and all when empty, at the images' own side.
+      clean_from: epochs from this one on see the images as they are, with no crop shift and no flip (the
+      test's images; None: every epoch augmented).
     train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
     once.
     """
@@ -274,12 +276,13 @@ class Loader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
                  crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip: str = "random",
-                 crop_sizes: tuple[int, ...] = (), pad: int = PAD, resize_to: tuple[int, ...] = ()):
+                 crop_sizes: tuple[int, ...] = (), pad: int = PAD, resize_to: tuple[int, ...] = (),
+                 clean_from: int | None = None):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
         self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
         self.flip, self.crop_sizes, self.pad = flip, tuple(crop_sizes), pad
-        self.resize_to = tuple(resize_to)
+        self.resize_to, self.clean_from = tuple(resize_to), clean_from
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -292,6 +295,10 @@ class Loader:
 
     def crop_size(self, epoch: int) -> int:
         return self.crop_sizes[epoch] if epoch < len(self.crop_sizes) else self.x.shape[-1]
+
+    def augments(self, epoch: int) -> bool:
+        """Whether `epoch`'s training images are cropped and flipped."""
+        return self.crop_flip and (self.clean_from is None or epoch < self.clean_from)
 
     def input_side(self, epoch: int) -> int:
         """The side of the images the net sees in `epoch`: the crop's, or the one --resize-to scales it to."""
@@ -325,7 +332,7 @@ class Loader:
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
             xb = self.x[idx]
-            if self.crop_flip:
+            if self.augments(epoch):
                 xb = augment(xb, dx[idx], dy[idx], flip[idx], self.pad, size)
             xb = normalize(xb, self.channels_last, self.mean, self.std)
             if side != size:  # (b, 3, size, size) -> (b, 3, side, side)

@@ -374,7 +374,8 @@ def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, worl
     val_x, val_y = data.train_x[val_idx], data.train_y[val_idx]
     val = Loader(val_x, val_y, EVAL_BATCH, train=False, **kw) if cfg.val_split else None
     train = Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, flip=cfg.flip,
-                   crop_sizes=cfg.crop_sizes or (), pad=cfg.crop_padding, resize_to=cfg.resize_to or (), **kw)
+                   crop_sizes=cfg.crop_sizes or (), pad=cfg.crop_padding, resize_to=cfg.resize_to or (),
+                   clean_from=cfg.epochs - cfg.clean_epochs if cfg.clean_epochs else None, **kw)
     return Loaders(train=train,
                    test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw), val=val)
 

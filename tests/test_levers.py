@@ -1,5 +1,6 @@
 """The time-to-accuracy levers on tiny data: progressive resizing (cropping and downscaling), crop padding,
-alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU, freed memory kept in the process."""
+clean last epochs, alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU, freed memory kept in the
+process."""
 
 from __future__ import annotations
 
@@ -87,6 +88,33 @@ def test_crop_padding_flag_reaches_the_training_loader_only():
         assert not loaders.test.train and not loaders.val.train  # evaluation never crops
 
 
+def test_clean_epochs_train_on_the_images_as_they_are():
+    x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(512) % 10
+    clean = Loader(x, y, 128, "cpu", train=True, pad=2, clean_from=2)
+    augmented = Loader(x, y, 128, "cpu", train=True, pad=2)
+    as_they_are = Loader(x, y, 128, "cpu", train=True, pad=2, crop_flip=False)
+    for epoch in range(4):
+        expect = augmented if epoch < 2 else as_they_are
+        assert clean.augments(epoch) == (epoch < 2)
+        for (a, ya), (b, yb) in zip(clean.batches(epoch), expect.batches(epoch), strict=True):
+            assert torch.equal(a, b) and torch.equal(ya, yb)  # the same order in every case
+    differ = [not torch.equal(a, b) for (a, _), (b, _) in zip(augmented.batches(3), as_they_are.batches(3))]
+    assert all(differ)  # so the comparison above can tell augmented batches from clean ones
+
+
+def test_clean_epochs_flag_reaches_the_training_loader():
+    from data import Cifar
+
+    x = torch.zeros(300, 3, 32, 32, dtype=torch.uint8)
+    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    for argv, clean_from in [([], None), (["--clean-epochs", "2"], 3)]:
+        cfg = config.parse_config([*argv, "--epochs", "5", "--out", "unused"])
+        loader = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1).train
+        assert loader.clean_from == clean_from
+        assert [loader.augments(e) for e in range(5)] == [clean_from is None or e < clean_from for e in range(5)]
+
+
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     x, y = bright_left(1000)
     alt = Loader(x, y, 100, "cpu", train=True, seed=3, flip="alternate")
@@ -143,8 +171,9 @@ def test_ema_run_evaluates_and_exports_the_averaged_weights(tiny_folder, tmp_pat
 
 @pytest.mark.parametrize("extra", [["--ema", "0.9"],
                                    ["--crop-sizes", "24", "--flip", "alternate", "--crop-padding", "2"],
-                                   ["--resize-to", "16", "--crop-padding", "2"]],
-                         ids=["ema", "crop-alternate-pad2", "downscale-pad2"])
+                                   ["--resize-to", "16", "--crop-padding", "2"],
+                                   ["--clean-epochs", "2", "--crop-padding", "2"]],
+                         ids=["ema", "crop-alternate-pad2", "downscale-pad2", "clean-pad2"])
 def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypatch, extra):
     args = ["--epochs", "3", *extra]
     straight = tmp_path / "straight"

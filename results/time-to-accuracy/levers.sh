@@ -71,7 +71,12 @@ levers=(
   amp-fast16-seed1 "--amp --crop-padding 2 --epochs 16 --eval-every 16 --seed 1"
   # session 18: no label smoothing, for a 12-epoch run that underfits (0.2 lost 0.35 and 0.31 points)
   pad-2-ls-0 "--crop-padding 2 --label-smoothing 0 --eval-every 12"
-  pad-2-ls-0-seed1 "--crop-padding 2 --label-smoothing 0 --eval-every 12 --seed 1"
+  pad-2-ls-0-seed1 "--crop-padding 2 --label-smoothing 0 --eval-every 12 --seed 1"    # stopped: seed 0 lost 0.82
+  # the last epochs on the images as they are (no crop shift, no flip), while the learning rate is lowest
+  pad-2-clean-1 "--crop-padding 2 --clean-epochs 1 --eval-every 12"
+  pad-2-clean-2 "--crop-padding 2 --clean-epochs 2 --eval-every 12"
+  pad-2-clean-1-seed1 "--crop-padding 2 --clean-epochs 1 --eval-every 12 --seed 1"
+  pad-2-clean-2-seed1 "--crop-padding 2 --clean-epochs 2 --eval-every 12 --seed 1"
 )
 declare -A lever=()
 order=()
