@@ -62,6 +62,8 @@ class Config:
     arch: str = _model("resnet18", f"model: {', '.join(MODEL_NAMES)}")
     width: int = _model(16, "width of the first stage (ResNet-18: 16 -> 16/32/64/128)")
     zero_init_residual: bool = _model(False, "start each residual block as the identity")
+    whiten_init: bool = _model(False, "start the first convolution as a whitening of the training images' 3x3 "
+                                      "patches (airbench), then train it like the rest")
     # optimisation
     epochs: int = _optim(50, "training epochs; with --resume a larger value extends the run (its schedule "
                              "becomes that of a run started with the new --epochs)")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import distributed
 from config import (Config, UserError, channels_last_fault, configure_backends, explicit_flags, parse_config,
                     resolve_device, run_script, validate_runtime)
-from data import Cifar, DataError, Loader, load_cifar, split_indices
+from data import Cifar, DataError, Loader, load_cifar, normalize, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
@@ -37,6 +37,7 @@ from runs import (CheckpointError, append_metrics, format_row, load_weights, mod
                   read_checkpoint, read_metrics, run_info, save_atomic, start_files, to_cpu)
 
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
+WHITEN_IMAGES = 2000  # training images whose 3x3 patches --whiten-init whitens (2M patches)
 
 
 class NonFiniteLoss(Exception):
@@ -280,16 +281,19 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.model
 
 
-def new_state(cfg: Config, data: Cifar, steps_per_epoch: int, device: torch.device) -> TrainState:
+def new_state(cfg: Config, data: Cifar, train: Loader, device: torch.device) -> TrainState:
     """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
+    if cfg.whiten_init:  # a seeded random sample of the training split: validation and test images stay unseen
+        model.whiten_conv1_(normalize(train.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema)
@@ -440,7 +444,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
-    state = new_state(cfg, data, len(loaders.train), device)
+    state = new_state(cfg, data, loaders.train, device)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world, local_rank)

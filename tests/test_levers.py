@@ -1,6 +1,6 @@
 """The time-to-accuracy levers on tiny data: progressive resizing (cropping and downscaling), crop padding,
-clean last epochs, alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU, freed memory kept in the
-process."""
+clean last epochs, a whitening first layer, alternating flip, weight EMA, --eval-every, bf16 autocast on the CPU,
+freed memory kept in the process."""
 
 from __future__ import annotations
 
@@ -115,6 +115,46 @@ def test_clean_epochs_flag_reaches_the_training_loader():
         assert [loader.augments(e) for e in range(5)] == [clean_from is None or e < clean_from for e in range(5)]
 
 
+@pytest.mark.parametrize("width", [16, 64])
+def test_whiten_init_makes_conv1_whiten_the_patches(width):
+    from resnet import ResNet18
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(3, 3, generator=g)  # correlated channels, and smooth images: correlated pixels
+    images = torch.einsum("dc,nchw->ndhw", mix, torch.randn(300, 3, 8, 8, generator=g))
+    images = torch.nn.functional.interpolate(images, size=16, mode="bilinear")
+    net = ResNet18(width=width)
+    he = net.conv1.weight.detach().clone()
+    net.whiten_conv1_(images)
+    w = net.conv1.weight.detach()
+    k = min(width // 2, 27)
+    assert torch.equal(w[k:2 * k], -w[:k]) and torch.equal(w[2 * k:], he[2 * k:])  # the rest keep their He init
+    out = torch.nn.functional.conv2d(images, w[:k]).transpose(0, 1).flatten(1)  # (k, every patch)
+    moments = out @ out.T / out.shape[1]
+    patches = torch.nn.functional.unfold(images, 3).transpose(1, 2).flatten(0, 1)
+    variances = torch.linalg.eigvalsh(patches.T @ patches / len(patches)).flip(0)[:k]  # along each filter
+    # uncorrelated, and unit variance but where eps = 5e-4 outweighs a patch direction's variance
+    assert torch.allclose(moments, torch.diag(variances / (variances + 5e-4)), atol=0.01)
+    assert (variances > 0.01).sum() >= min(k, 8)  # most of those compared are whitened to variance ~1
+
+
+def test_whiten_init_flag_whitens_a_sample_of_the_training_split_only():
+    from data import Cifar, normalize
+
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    conv1 = {}
+    for argv in [[], ["--whiten-init"]]:
+        cfg = config.parse_config([*argv, "--out", "unused", "--val-split", "100"])
+        loaders = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1)
+        torch.manual_seed(0)
+        conv1[bool(argv)] = train.new_state(cfg, data, loaders.train, torch.device("cpu")).model.conv1.weight
+    torch.manual_seed(0)
+    expect = train.build_model("resnet18")
+    expect.whiten_conv1_(normalize(loaders.train.x))  # the 200 training images, not the 100 held out
+    assert torch.equal(conv1[True], expect.conv1.weight) and not torch.equal(conv1[True], conv1[False])
+
+
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
     x, y = bright_left(1000)
     alt = Loader(x, y, 100, "cpu", train=True, seed=3, flip="alternate")
@@ -172,8 +212,8 @@ def test_ema_run_evaluates_and_exports_the_averaged_weights(tiny_folder, tmp_pat
 @pytest.mark.parametrize("extra", [["--ema", "0.9"],
                                    ["--crop-sizes", "24", "--flip", "alternate", "--crop-padding", "2"],
                                    ["--resize-to", "16", "--crop-padding", "2"],
-                                   ["--clean-epochs", "2", "--crop-padding", "2"]],
-                         ids=["ema", "crop-alternate-pad2", "downscale-pad2", "clean-pad2"])
+                                   ["--clean-epochs", "2", "--crop-padding", "2"], ["--whiten-init"]],
+                         ids=["ema", "crop-alternate-pad2", "downscale-pad2", "clean-pad2", "whiten"])
 def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypatch, extra):
     args = ["--epochs", "3", *extra]
     straight = tmp_path / "straight"

@@ -77,6 +77,9 @@ levers=(
   pad-2-clean-2 "--crop-padding 2 --clean-epochs 2 --eval-every 12"
   pad-2-clean-1-seed1 "--crop-padding 2 --clean-epochs 1 --eval-every 12 --seed 1"
   pad-2-clean-2-seed1 "--crop-padding 2 --clean-epochs 2 --eval-every 12 --seed 1"
+  # conv1 starts as a whitening of 3x3 patches (airbench's first layer, trained here)
+  pad-2-whiten "--crop-padding 2 --whiten-init --eval-every 12"
+  pad-2-whiten-seed1 "--crop-padding 2 --whiten-init --eval-every 12 --seed 1"
 )
 declare -A lever=()
 order=()
