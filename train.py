@@ -281,19 +281,19 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.model
 
 
-def new_state(cfg: Config, data: Cifar, train: Loader, device: torch.device) -> TrainState:
+def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device) -> TrainState:
     """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
     if cfg.whiten_init:  # a seeded random sample of the training split: validation and test images stay unseen
-        model.whiten_conv1_(normalize(train.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
+        model.whiten_conv1_(normalize(train_loader.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(train)
+    steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema)
