@@ -281,11 +281,13 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.model
 
 
-def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device) -> TrainState:
-    """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule."""
+def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device,
+              fresh: bool = True) -> TrainState:
+    """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule.
+    fresh=False: a checkpoint's weights will replace the initial ones, so no data-dependent init is computed."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
-    if cfg.whiten_init:  # a seeded random sample of the training split: validation and test images stay unseen
+    if cfg.whiten_init and fresh:  # a seeded random sample of the training split: validation and test images stay unseen
         model.whiten_conv1_(normalize(train_loader.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
@@ -444,7 +446,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
-    state = new_state(cfg, data, loaders.train, device)
+    state = new_state(cfg, data, loaders.train, device, fresh=ckpt is None)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world, local_rank)

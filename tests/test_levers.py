@@ -14,7 +14,8 @@ import torch
 import config
 import train
 from conftest import ROOT, assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
-from data import PAD, Loader, augment
+from data import PAD, Cifar, Loader, augment
+from resnet import ResNet, ResNet18
 
 
 def bright_left(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +23,11 @@ def bright_left(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     x[:, :, :, :16] = 255
     return x, torch.arange(n) % 10
+
+
+def tiny_cifar(x: torch.Tensor) -> Cifar:
+    """A dataset of the images x for the training split (their first 50 as the test split), ten classes."""
+    return Cifar(x, torch.arange(len(x)) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
 
 
 def test_smaller_crops_come_from_the_padded_image():
@@ -77,10 +83,8 @@ def test_crop_padding_sets_the_translation_range(pad):
 
 
 def test_crop_padding_flag_reaches_the_training_loader_only():
-    from data import Cifar
-
     x = torch.zeros(300, 3, 32, 32, dtype=torch.uint8)
-    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    data = tiny_cifar(x)
     for argv, pad in [([], PAD), (["--crop-padding", "1"], 1)]:
         cfg = config.parse_config([*argv, "--out", "unused", "--val-split", "100"])
         loaders = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1)
@@ -104,10 +108,8 @@ def test_clean_epochs_train_on_the_images_as_they_are():
 
 
 def test_clean_epochs_flag_reaches_the_training_loader():
-    from data import Cifar
-
     x = torch.zeros(300, 3, 32, 32, dtype=torch.uint8)
-    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    data = tiny_cifar(x)
     for argv, clean_from in [([], None), (["--clean-epochs", "2"], 3)]:
         cfg = config.parse_config([*argv, "--epochs", "5", "--out", "unused"])
         loader = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1).train
@@ -117,7 +119,6 @@ def test_clean_epochs_flag_reaches_the_training_loader():
 
 @pytest.mark.parametrize("width", [16, 64])
 def test_whiten_init_makes_conv1_whiten_the_patches(width):
-    from resnet import ResNet18
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(3, 3, generator=g)  # correlated channels, and smooth images: correlated pixels
@@ -139,10 +140,10 @@ def test_whiten_init_makes_conv1_whiten_the_patches(width):
 
 
 def test_whiten_init_flag_whitens_a_sample_of_the_training_split_only():
-    from data import Cifar, normalize
+    from data import normalize
 
     x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
-    data = Cifar(x, torch.arange(300) % 10, x[:50], torch.arange(50) % 10, [str(i) for i in range(10)])
+    data = tiny_cifar(x)
     conv1 = {}
     for argv in [[], ["--whiten-init"]]:
         cfg = config.parse_config([*argv, "--out", "unused", "--val-split", "100"])
@@ -223,7 +224,10 @@ def test_resume_with_levers_equals_straight_run(tiny_folder, tmp_path, monkeypat
         interrupt_at(m, "batches", 0, 2)  # inside epoch 1 (the 24x24 or 16x16 one)
         with pytest.raises(SystemExit):
             train.main(tiny_args(tiny_folder, broken, *args))
+    whitened = []  # the checkpoint's weights replace the initial ones: a resume computes no whitening
+    monkeypatch.setattr(ResNet, "whiten_conv1_", lambda net, images: whitened.append(net))
     train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
+    assert not whitened
     assert untimed(metrics(broken)) == untimed(metrics(straight))
     assert_same_weights(weights(broken), weights(straight))
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (broken, straight))
