@@ -16,7 +16,8 @@ Measures, on the same model, batch size and data:
   - data start-up: seconds to the first batch from a cold image folder (decode) and from the uint8 cache;
   - scaling tables: images/s and MFU against width, depth and batch size.
 Figures are printed as a table and written as JSON (--json). Targets are read off these figures, never asserted.
-On the CPU every loop runs with freed memory kept in the process, as train.py runs (config.keep_freed_memory).
+Every loop runs with train.py's backend settings (config.configure_backends): cuDNN autotuning on a GPU, freed
+memory kept in the process on the CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, bf16_unavailable, channels_last_fault, compile_unavailable, keep_freed_memory, run_script
+from config import Parser, bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from resnet import MODEL_NAMES, build_model
 from runs import machine_name
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("synthetic uint8 images (no --data-dir): speed figures only")
     if a.quick:
         notes.append("--quick: tiny windows and batch 32, not comparable figures")
-    if device.type == "cpu" and keep_freed_memory():  # as train.py: process-wide, so the classic loop's too
+    if configure_backends(device, deterministic=False):  # as train.py, process-wide: the classic loop's too
         notes.append("freed memory kept in the process (as train.py on the CPU) for every loop timed here")
     if why := channels_last_fault(build_model(a.arch, width=a.width), device):
         notes.append(f"{a.arch} at width {a.width} has {why}: the 'ours' loop runs NCHW too, as train.py")

@@ -377,17 +377,17 @@ def keep_freed_memory() -> bool:
     return mallopt is not None and mallopt(m_trim_threshold, 2**31 - 1) == 1 and mallopt(m_mmap_max, 0) == 1
 
 
-def configure_backends(device: torch.device, deterministic: bool) -> None:
+def configure_backends(device: torch.device, deterministic: bool) -> bool:
     """cuDNN picks the fastest kernels for our fixed shapes, unless deterministic kernels are asked for; on
-    the CPU, freed memory stays in the process for the next step (keep_freed_memory)."""
-    if device.type == "cpu":
-        keep_freed_memory()
+    the CPU, freed memory stays in the process for the next step (keep_freed_memory: True where it applied)."""
+    kept = device.type == "cpu" and keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
     torch.use_deterministic_algorithms(deterministic)  # process-wide: also switched back off for the next run
+    return kept
 
 
 def explicit_flags(argv: list[str]) -> set[str]:

@@ -71,11 +71,15 @@ def test_classic_loop_and_bench_run_on_the_gpu(tiny_folder, tmp_path):
     import bench
     import classic
 
+    torch.backends.cudnn.benchmark = False
     row = classic.main([str(tmp_path / "classic"), "--data-dir", tiny_folder, "--epochs", "1", "--width", "4",
                         "--device", "cuda"])
     assert 0 <= row["test_acc"] <= 1
+    assert torch.backends.cudnn.benchmark  # cuDNN autotuning, as the classic repos run on a GPU
+    torch.backends.cudnn.benchmark = False
     r = bench.main(["--quick", "--device", "cuda"])
     assert r["ours_images_per_s"] > 0 and r["peak_memory_mb"] > 0
+    assert torch.backends.cudnn.benchmark  # every loop timed with train.py's backend settings
     assert r["matmul_peak_tflops"]["fp32_on_tf32_cores"] == torch.backends.cudnn.allow_tf32
 
 
