@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from itertools import accumulate
 
 import torch
 
@@ -34,13 +35,7 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None, x:
         if not rows:
             continue
         label = labels[i] if labels else os.path.basename(os.path.normpath(run))
-        if x == "time":
-            xs, t = [], 0.0
-            for r in rows:
-                t += r["epoch_time_s"]
-                xs.append(t)
-        else:
-            xs = [r["epoch"] for r in rows]
+        xs = list(accumulate(r["epoch_time_s"] for r in rows)) if x == "time" else [r["epoch"] for r in rows]
         c = colors[i % len(colors)]
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
             for split, style in (("train", "--"), ("test", "-"), ("val", ":")):

@@ -59,7 +59,8 @@ def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
     except Exception as e:  # UnpicklingError (a class or function to import, or not a pickle), RuntimeError
-        # (a torn or corrupt zip), EOFError (empty)...
+        # (a torn or corrupt zip), EOFError (empty)... Matched on its text: torch's get_unsafe_globals_in_checkpoint
+        # would name the globals, but reads only the zip format, not the legacy pickle files peers published.
         kind = "refused as unsafe (it holds pickled objects, not plain tensors)" if "Unsupported global" in str(e) \
             else "unreadable (truncated, corrupt, or not a PyTorch file)"
         raise CheckpointError(f"checkpoint {path} is {kind}") from None

@@ -2,7 +2,7 @@
 # session 16: classic 2-epoch references (glibc default, then with the same malloc settings by env), an A/B of
 # keep_freed_memory on 2-epoch full-data runs, then padding 2 at 16 epochs, two seeds. One at a time.
 set -x
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 P=.venv/bin/python
 R=runs/levers-s16
 date
