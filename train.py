@@ -287,7 +287,7 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
     fresh=False: a checkpoint's weights will replace the initial ones, so no data-dependent init is computed."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
-    if cfg.whiten_init and fresh:  # a seeded random sample of the training split: validation and test images stay unseen
+    if cfg.whiten_init and fresh:  # a seeded sample of the training split: validation and test images unseen
         model.whiten_conv1_(normalize(train_loader.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
