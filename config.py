@@ -26,6 +26,9 @@ RECIPES = {
     # fast in 16 epochs with crops shifted by at most 2 pixels, not 4: the classic loop's 30-epoch accuracy on three
     # seeds in about a third of its time on a 2-core CPU (README, "Speed"; results/time-to-accuracy/README.md)
     "fast16": FAST | dict(epochs=16, crop_padding=2),
+    # the same in 18 epochs, for --amp where bf16 is fast (a GPU, or a CPU with AMX): the classic loop's accuracy on
+    # two seeds in under a fifth of its time on a 2-core AMX Xeon (results/time-to-accuracy/README.md, session 19)
+    "fast18": FAST | dict(epochs=18, crop_padding=2),
 }
 
 
@@ -314,7 +317,13 @@ def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
 
 
-CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes: may go away
+CPU_BF16_PROBES = {"_is_avx512_bf16_supported": "AVX512-BF16", "_is_amx_tile_supported": "AMX"}  # private torch.cpu
+# probes: they may go away, and a missing one reads as absent
+
+
+def cpu_bf16_units() -> list[str]:
+    """This CPU's bf16 arithmetic units, e.g. ["AVX512-BF16", "AMX"]; [] where it has none."""
+    return [unit for probe, unit in CPU_BF16_PROBES.items() if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def bf16_unavailable(device: torch.device) -> str | None:
@@ -327,7 +336,7 @@ def bf16_unavailable(device: torch.device) -> str | None:
             return None
         return (f"{torch.cuda.get_device_name(device)} lacks bf16 (compute capability 8.0 or newer: A100, H100, "
                 "RTX 30xx+)")
-    if any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16_PROBES):
+    if cpu_bf16_units():
         return None
     return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32"
 

@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from config import cpu_bf16_units
 from data import CIFAR10_MEAN, CIFAR10_STD
 from resnet import ResNet, build_model
 
@@ -260,7 +261,8 @@ def machine_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"cpu: {model} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+    units = [torch.backends.cpu.get_cpu_capability(), *cpu_bf16_units()]  # e.g. AVX512, AMX: what --amp runs on
+    return f"cpu: {model} ({os.cpu_count()} cores, {', '.join(units)})"
 
 
 def start_files(out: str, info: dict, resumed: dict | None, epochs_done: int) -> None:

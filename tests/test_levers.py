@@ -5,6 +5,7 @@ freed memory kept in the process."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -253,7 +254,7 @@ def test_eval_every_skips_evaluation_between_and_always_evaluates_the_last_epoch
 
 
 def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, config.CPU_BF16_PROBES[0], lambda: True, raising=False)  # as a bf16 CPU
+    monkeypatch.setattr(torch.cpu, next(iter(config.CPU_BF16_PROBES)), lambda: True, raising=False)  # as a bf16 CPU
     seen = []  # (training?, dtype of each convolution's output)
     conv = torch.nn.Conv2d.forward
 
@@ -269,6 +270,8 @@ def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_pa
     assert {d for t, d in seen if not t} == {torch.float32}  # evaluation (and the pictures) in fp32
     ckpt = torch.load(amp / "last.pt", weights_only=True)
     assert {v.dtype for v in ckpt["model"].values()} == {torch.float32, torch.int64}  # fp32 weights, BN counts
+    with open(amp / "config.json") as f:
+        assert "AVX512-BF16" in json.load(f)["device"]  # the run says which bf16 units it ran on
     res = train.main(["--eval-only", "--resume", str(amp), "--data-dir", tiny_folder, "--device", "cpu"])
     assert res["test_acc"] == metrics(amp)[-1]["test_acc"]  # the logged accuracy is the checkpoint's, in fp32
     fp32 = tmp_path / "fp32"

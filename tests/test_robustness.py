@@ -80,6 +80,7 @@ def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, mon
     code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--amp"), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "--amp (bf16 autocast): this CPU has no bf16" in err, err
     assert not any((tmp_path / "r").iterdir())  # nothing written: the same command runs once --amp is dropped
+    assert not any(unit in runs.machine_name(torch.device("cpu")) for unit in ("BF16", "AMX"))
 
 
 def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):

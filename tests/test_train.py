@@ -106,13 +106,14 @@ def test_fast_recipe_sets_defaults_and_flags_still_win():
     assert train.parse_config(["--recipe", "fast", "--epochs", "12", "--out", "x"]).epochs == 12
 
 
-def test_fast16_recipe_is_fast_in_16_epochs_with_crops_shifted_by_2():
-    """README's fast16 runs were started as --recipe fast --epochs 16 --crop-padding 2: the same config."""
-    preset = dataclasses.asdict(train.parse_config(["--recipe", "fast16", "--out", "x"]))
-    flags = dataclasses.asdict(train.parse_config(["--recipe", "fast", "--epochs", "16", "--crop-padding", "2",
+@pytest.mark.parametrize("epochs", [16, 18])
+def test_fast16_and_fast18_recipes_are_fast_with_crops_shifted_by_2(epochs):
+    """README's fast16 and fast18 runs were started as --recipe fast --epochs N --crop-padding 2: the same config."""
+    preset = dataclasses.asdict(train.parse_config(["--recipe", f"fast{epochs}", "--out", "x"]))
+    flags = dataclasses.asdict(train.parse_config(["--recipe", "fast", "--epochs", str(epochs), "--crop-padding", "2",
                                                    "--out", "x"]))
-    assert (preset.pop("recipe"), flags.pop("recipe")) == ("fast16", "fast")
-    assert preset == flags and preset["crop_padding"] == 2
+    assert (preset.pop("recipe"), flags.pop("recipe")) == (f"fast{epochs}", "fast")
+    assert preset == flags and (preset["crop_padding"], preset["epochs"]) == (2, epochs)
 
 
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
