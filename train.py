@@ -29,7 +29,7 @@ from tqdm import tqdm
 import distributed
 from config import (Config, UserError, channels_last_fault, configure_backends, explicit_flags, parse_config,
                     resolve_device, run_script, validate_runtime)
-from data import Cifar, DataError, Loader, load_cifar, normalize, split_indices
+from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
@@ -287,10 +287,10 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
     fresh=False: a checkpoint's weights will replace the initial ones, so no data-dependent init is computed."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
-    if cfg.whiten_init and fresh:  # a seeded sample of the training split: validation and test images unseen
-        model.whiten_conv1_(normalize(train_loader.x[:WHITEN_IMAGES], mean=data.mean, std=data.std))
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
+    if cfg.whiten_init and fresh:  # a seeded sample of the training split: validation and test images unseen
+        model.whiten_conv1_(model.normalize(train_loader.x[:WHITEN_IMAGES]))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

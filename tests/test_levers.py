@@ -120,7 +120,6 @@ def test_clean_epochs_flag_reaches_the_training_loader():
 
 @pytest.mark.parametrize("width", [16, 64])
 def test_whiten_init_makes_conv1_whiten_the_patches(width):
-
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(3, 3, generator=g)  # correlated channels, and smooth images: correlated pixels
     images = torch.einsum("dc,nchw->ndhw", mix, torch.randn(300, 3, 8, 8, generator=g))
