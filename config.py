@@ -84,10 +84,16 @@ class Config:
     milestones: list[float] | None = _sched(None, "epochs at which the lr is multiplied by --gamma (default: "
                                                   "50%% and 75%% of --epochs)", nargs="+")
     gamma: float = _sched(0.1, "lr factor at each milestone")
-    warmup_epochs: float | None = _sched(None, "lr warm-up length, in epochs (fractions allowed); default 1 "
-                                               "epoch, at most 20%% of --epochs")
-    warmup: str = _sched("linear", "warm-up shape: linear ramp to --lr, or constant 0.1x --lr (the paper's "
-                                   "ResNet-110 trick)", choices=("linear", "constant"))
+    warmup_epochs: float | None = _sched(None, "lr warm-up length, in epochs (fractions allowed; the longest "
+                                               "with --warmup until-error); default 1 epoch, at most 20%% of "
+                                               "--epochs")
+    warmup: str = _sched("linear", "warm-up shape: linear ramp to --lr; constant 0.1x --lr; or until-error: "
+                                   "0.1x --lr until the running training error falls below --warmup-error, "
+                                   "--warmup-epochs at the longest (the paper's rule for its 110-layer nets)",
+                         choices=("linear", "constant", "until-error"))
+    warmup_error: float | None = _sched(None, "with --warmup until-error: the training error over the last "
+                                              "20 steps' batches (all processes') that ends the warm-up; "
+                                              "default 0.8, the paper's 80%%")
     recipe: str = _sched("default", "preset, whose values explicit flags override: " + "; ".join(
         f"{name}: " + (", ".join(f"{k} {v}" for k, v in preset.items()) or "the defaults")
         for name, preset in RECIPES.items()), choices=tuple(RECIPES))
@@ -141,6 +147,9 @@ class Config:
     def warmup_length(self) -> float:
         """Warm-up in epochs: --warmup-epochs as given, or by default 1 epoch capped at 20% of a short run."""
         return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, 0.2 * self.epochs)
+
+    def warmup_error_threshold(self) -> float:
+        return self.warmup_error if self.warmup_error is not None else 0.8
 
     def milestone_epochs(self) -> list[float]:
         return list(self.milestones) if self.milestones else [0.5 * self.epochs, 0.75 * self.epochs]
@@ -280,6 +289,11 @@ def validate(cfg: Config) -> None:
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}{origin}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
+    need(cfg.warmup_error is None or cfg.warmup == "until-error",
+         f"--warmup-error is the threshold of --warmup until-error; this run's warm-up is {cfg.warmup}")
+    need(0 < cfg.warmup_error_threshold() < 1, f"--warmup-error must be in (0, 1), got {cfg.warmup_error}")
+    need(cfg.warmup != "until-error" or cfg.warmup_length() > 0,
+         f"--warmup until-error ends at --warmup-epochs at the latest; give it a positive value{origin}")
     need(cfg.schedule == "step" or cfg.warmup_length() < cfg.epochs,
          f"--schedule linear needs --warmup-epochs below --epochs{origin}")
     need(cfg.schedule == "step" or not cfg.milestones, "--milestones are for --schedule step")

@@ -48,13 +48,15 @@ class Interrupted(Exception):
     pass
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: Config) -> float:
+def lr_factor(step: int, steps_per_epoch: int, cfg: Config, warmup_end: int | None = None) -> float:
     """LR multiplier as a function of the global step: warm-up, then x gamma at each milestone (epochs) or a
-    linear decay that reaches 0 after the last step."""
+    linear decay that reaches 0 after the last step. warmup_end: the step at which --warmup until-error ended
+    (None while it runs: it lasts --warmup-epochs at the longest); the schedule then runs as if the warm-up had
+    been set to that length."""
     t = step / steps_per_epoch  # epochs done, fractional
-    warmup = cfg.warmup_length()
+    warmup = cfg.warmup_length() if warmup_end is None else warmup_end / steps_per_epoch
     if t < warmup:
-        return 0.1 if cfg.warmup == "constant" else (step + 1) / (warmup * steps_per_epoch)
+        return (step + 1) / (warmup * steps_per_epoch) if cfg.warmup == "linear" else 0.1
     if cfg.schedule == "linear":
         return max(0.0, (cfg.epochs - t) / (cfg.epochs - warmup))
     return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
@@ -118,6 +120,57 @@ class EpochSums:
             raise NonFiniteLoss(f"loss became non-finite in {where}")
 
 
+class ErrorWarmup:
+    """--warmup until-error, the paper's rule for its 110-layer nets (section 4.2: "0.01 until the training error
+    is below 80%, then back to 0.1"): the lr stays at 0.1x --lr until the training error over the batches of the
+    last WINDOW steps, all processes' together, falls below --warmup-error; the schedule then starts at the next
+    step. At --warmup-epochs it ends whatever the error: a net that does not learn is not kept at the low rate
+    for the whole run. The error is tested every WINDOW steps of an epoch and at its last step (a host sync,
+    only while the warm-up lasts), so no window spans two epochs; `end`, the global step the schedule starts
+    at, is part of every checkpoint, and so is a window's partial sums in a mid-epoch one."""
+
+    WINDOW = 20
+
+    def __init__(self, threshold: float, longest: int, device: torch.device | str, world: int):
+        self.threshold, self.longest, self.world = threshold, longest, world  # longest: in global steps
+        self.sums = torch.zeros(2, device=device)  # the window's correct predictions, images
+        self.end: int | None = None  # the global step the schedule starts at; None while warming up
+        self.error: float | None = None  # the window's error that ended it (None: it ran to its longest)
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, y: torch.Tensor, step: int, steps: int, global_step: int) -> None:
+        """After optimizer step `step` of `steps` in the epoch (1-based), `global_step` steps in all, before
+        the scheduler sets the next step's lr."""
+        if self.end is not None:
+            return
+        if global_step >= self.longest:
+            self.end = self.longest
+            return
+        self.sums += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)])
+        if step % self.WINDOW and step != steps:
+            return
+        correct, count = self.reduced(self.world).tolist()
+        self.sums.zero_()
+        if 1 - correct / count < self.threshold:
+            self.end, self.error = global_step, 1 - correct / count
+
+    def reduced(self, world: int) -> torch.Tensor:
+        """The window's sums over every rank, on the CPU (under DDP a collective: every rank calls it)."""
+        sums = self.sums.clone()
+        if world > 1:
+            dist.all_reduce(sums)
+        return sums.cpu()
+
+    def state_dict(self) -> dict:
+        return {"end": -1 if self.end is None else self.end, "error": -1.0 if self.error is None else self.error}
+
+    def load_state_dict(self, saved: dict, window: torch.Tensor | None) -> None:
+        """saved: state_dict()'s; window: the partial sums of a mid-epoch checkpoint (all ranks', loaded on one)."""
+        self.end = None if saved["end"] < 0 else int(saved["end"])
+        self.error = None if saved["error"] < 0 else float(saved["error"])
+        self.sums.copy_(window if window is not None else torch.zeros(2))
+
+
 class WeightEMA:
     """--ema: an exponential moving average of a model's weights and BatchNorm statistics, updated after every
     optimizer step; evaluated, drawn and exported instead of the raw weights. The decay warms up as
@@ -144,10 +197,11 @@ class WeightEMA:
 
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
                     sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
-                    after_step: Callable[[int], None] = lambda step: None, ema: WeightEMA | None = None) \
-        -> None:
+                    after_step: Callable[[int], None] = lambda step: None, ema: WeightEMA | None = None,
+                    warmup: ErrorWarmup | None = None) -> None:
     """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs
-    after each step: train.py's checks, progress, checkpoints and stops (StepPolicy)."""
+    after each step: train.py's checks, progress, checkpoints and stops (StepPolicy). warmup: --warmup
+    until-error's test, which may end the warm-up before the scheduler sets the next step's lr."""
     model.train()
     for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # 1-based in the epoch
         with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -156,6 +210,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if warmup is not None:
+            warmup.add(logits, y, step, len(loader), epoch * len(loader) + step)
         scheduler.step()
         if ema is not None:
             ema.update(scheduler.last_epoch)  # LambdaLR's count of steps taken: the global step
@@ -275,6 +331,7 @@ class TrainState:
     step: int = 0  # steps done in the epoch after them
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
     ema: WeightEMA | None = None  # with --ema
+    warmup: ErrorWarmup | None = None  # with --warmup until-error
 
     def trained_model(self) -> nn.Module:
         """The model evaluated, checkpointed as the result and drawn: the EMA's with --ema."""
@@ -296,9 +353,12 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg))
+    warmup = ErrorWarmup(cfg.warmup_error_threshold(), max(1, round(cfg.warmup_length() * steps_per_epoch)),
+                         device, train_loader.world) if cfg.warmup == "until-error" else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, steps_per_epoch, cfg, warmup.end if warmup is not None else None))
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema)
+    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema, warmup=warmup)
 
 
 def model_kwargs(cfg: Config, num_classes: int) -> dict:
@@ -315,6 +375,7 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
             "rng": {"torch": torch.get_rng_state()},
+            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {}),
             **({"ema": to_cpu(state.ema.module.state_dict())} if state.ema is not None else {})}
 
 
@@ -327,12 +388,16 @@ def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
     state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
     if rank == 0:  # the saved partial sums are already global: one rank carries them on
         state.sums.load(ckpt["partial"])
+    if state.warmup is not None:
+        state.warmup.load_state_dict(ckpt["warmup"], ckpt["partial"].get("warmup_window") if rank == 0 else None)
     torch.set_rng_state(ckpt["rng"]["torch"])
 
 
 def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: int) -> None:
     """last.pt inside an epoch, with the epoch's sums so far; every rank calls it at the same step."""
     partial = state.sums.reduced(world)
+    if state.warmup is not None:
+        partial["warmup_window"] = state.warmup.reduced(world)
     if rank == 0:
         save_atomic(make_checkpoint(state, epoch, step, partial), os.path.join(state.cfg.out, "last.pt"))
 
@@ -489,7 +554,8 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
-                            epoch, state.step, amp=cfg.amp, after_step=policy, ema=state.ema)
+                            epoch, state.step, amp=cfg.amp, after_step=policy, ema=state.ema,
+                            warmup=state.warmup)
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
@@ -514,6 +580,8 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
     n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
+    if state.warmup is not None and state.warmup.end is not None:  # --warmup until-error: when and why it ended
+        row.update(warmup_end_step=state.warmup.end, warmup_end_error=state.warmup.error)
     if evaluate_now:
         row.update(evaluated(state, loaders, world))
     row.update(epoch_time_s=round(state.sums.seconds(), 3), images_per_s=round((n - untimed) / train_seconds, 1))

@@ -133,3 +133,35 @@ def test_two_processes_with_ema_and_resizing_evaluate_what_they_save(tiny_folder
     res = train.main(["--eval-only", "--resume", str(out / "last.pt"), "--data-dir", tiny_folder, "--device", "cpu"])
     assert res["test_acc"] == rows[-1]["test_acc"]
     assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-6
+
+
+# Logs, on every rank, the warm-up's state after each step of --warmup until-error, then runs train.py.
+WARMUP_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+real = train.ErrorWarmup.add
+def logged(self, logits, y, step, steps, global_step):
+    real(self, logits, y, step, steps, global_step)
+    with open({log!r} + os.environ["RANK"], "a") as f:
+        f.write(f"{{global_step}} {{self.end}}\\n")
+train.ErrorWarmup.add = logged
+train.main(sys.argv[1:])
+"""
+
+
+def test_error_keyed_warmup_ends_at_the_same_step_on_every_rank(tiny_folder, tmp_path):
+    """The window's error is summed over both ranks (each sees other images): both switch at one step, the one
+    a single process on the same global batch switches at (sync-BN: the same predictions)."""
+    args = ("--epochs", "3", "--subset", "80", "--batch-size", "40", "--sync-bn", "--warmup", "until-error",
+            "--warmup-error", "0.9", "--warmup-epochs", "2.5")  # two steps an epoch, 5 at the longest
+    log = tmp_path / "rank"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(WARMUP_LAUNCHER.format(root=ROOT, log=str(log)))
+    r = torchrun(tiny_args(tiny_folder, tmp_path / "ddp", *args), script=str(launcher))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [(tmp_path / f"rank{k}").read_text().splitlines() for k in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 6
+    train.main(tiny_args(tiny_folder, tmp_path / "one", *[a for a in args if a != "--sync-bn"]))
+    ends = [metrics(tmp_path / d)[-1]["warmup_end_step"] for d in ("ddp", "one")]
+    assert ends[0] == ends[1] < 5 and ranks[0][-1] == f"6 {ends[0]}", (ends, ranks[0])  # ended by the error

@@ -61,6 +61,10 @@ BAD_FLAGS = [
     (["--eval-every", "0"], "--eval-every must be positive"),
     (["--recipe", "fast16", "--epochs", "1"], "got 2.0 (--recipe fast16 sets 2.0: give --warmup-epochs for --epochs 1)"),
     (["--recipe", "fast"], "below --epochs (--recipe fast sets 2.0: give --warmup-epochs for --epochs 2)"),
+    (["--warmup-error", "0.5"], "--warmup-error is the threshold of --warmup until-error; this run's warm-up is linear"),
+    (["--warmup", "until-error", "--warmup-error", "1"], "--warmup-error must be in (0, 1), got 1.0"),
+    (["--warmup", "until-error", "--recipe", "paper"],
+     "--warmup until-error ends at --warmup-epochs at the latest; give it a positive value (--recipe paper sets 0.0"),
 ]
 
 

@@ -234,3 +234,79 @@ def test_plot_curves_mistakes_are_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("plot_curves.py: error: ") and "\n" not in err, err
     assert message.format(**fill) in err
+
+
+# ---- --warmup until-error: the paper's warm-up for its 110-layer nets
+
+def test_error_keyed_warmup_is_a_tenth_until_it_ends_then_the_schedule_as_if_it_had_been_that_long():
+    cfg = train.Config(epochs=10, warmup="until-error", warmup_epochs=2.0, schedule="linear")
+    spe = 100
+    running = [train.lr_factor(s, spe, cfg) for s in range(10 * spe)]  # not ended yet: --warmup-epochs at most
+    assert running[:200] == [0.1] * 200 and running[200] == 1.0
+    ended = [train.lr_factor(s, spe, cfg, warmup_end=40) for s in range(10 * spe + 1)]
+    assert ended[:40] == [0.1] * 40 and ended[40] == 1.0  # back to the peak at the step it ended
+    assert ended[520] == pytest.approx(0.5) and ended[1000] == 0.0  # the linear decay from step 40 to the end
+    step = train.Config(epochs=10, warmup="until-error", warmup_epochs=1.0, milestones=[5.0])
+    assert [train.lr_factor(s, spe, step, warmup_end=30) for s in (29, 30, 499, 500)] == [0.1, 1.0, 1.0, 0.1]
+
+
+def batch(correct: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for n images of which the first `correct` are classified right."""
+    y = torch.zeros(n, dtype=torch.long)
+    logits = torch.zeros(n, 10)
+    logits[:correct, 0] = 1
+    logits[correct:, 1] = 1
+    return logits, y
+
+
+def test_error_keyed_warmup_ends_on_the_window_error_or_at_its_longest():
+    w = train.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
+    for step in range(1, 20):  # 19 steps at 30% correct: the test comes at the window's last step only
+        w.add(*batch(3), step, 50, step)
+    assert w.end is None
+    w.add(*batch(1), 20, 50, 20)  # window error (19 * 7 + 9) / 200 = 71% < 80%
+    assert (w.end, w.error) == (20, pytest.approx(0.71))
+    w.add(*batch(0), 21, 50, 21)  # ended: nothing changes after
+    assert w.end == 20 and w.sums.sum() == 0
+    never = train.ErrorWarmup(threshold=0.8, longest=45, device="cpu", world=1)
+    for step in range(1, 50):
+        never.add(*batch(1), (step - 1) % 30 + 1, 30, step)  # 90% error, epochs of 30 steps
+        assert never.end == (45 if step >= 45 else None)
+    assert never.error is None
+    short = train.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
+    for step in range(1, 8):  # an epoch of 7 steps: tested at its last step, a window of 7 steps
+        short.add(*batch(1 if step < 7 else 9), step, 7, step)
+        assert short.end == (7 if step == 7 else None)
+    assert short.error == pytest.approx(55 / 70)  # (6 * 9 + 1) / 70 wrong: all 7 steps in the window
+
+
+@pytest.mark.parametrize("threshold, ends", [("0.95", 6), ("0.01", 9)])  # at the first test; at its longest
+def test_error_keyed_warmup_in_a_run(tiny_folder, tmp_path, threshold, ends):
+    """200 images, batch 32: 6 steps an epoch, tested at each epoch's end; --warmup-epochs 1.5 is 9 steps."""
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--warmup", "until-error", "--warmup-error", threshold,
+                         "--warmup-epochs", "1.5", "--epochs", "3", "--schedule", "linear"))
+    rows = metrics(out)
+    first_logged = 0 if ends == 6 else 1  # the epoch in which it ended
+    assert [r.get("warmup_end_step") for r in rows][first_logged:] == [ends] * (3 - first_logged)
+    assert all("warmup_end_step" not in r for r in rows[:first_logged])
+    assert (rows[0]["lr"] == pytest.approx(0.1 * 0.1)) == (ends > 6)  # lr of the step after epoch 1
+    assert rows[1]["lr"] == pytest.approx(0.1 * (18 - 12) / (18 - ends))  # linear from the end step to 0
+    assert (rows[-1]["warmup_end_error"] is None) == (ends == 9)
+
+
+def test_error_keyed_warmup_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    """Stopped mid-window (after step 3 of 6): the window's sums and the end step are in the checkpoint."""
+    args = ("--warmup", "until-error", "--warmup-error", "0.9", "--warmup-epochs", "1.9", "--epochs", "3")
+    train.main(tiny_args(tiny_folder, tmp_path / "straight", *args))
+    broken = tmp_path / "broken"
+    with monkeypatch.context() as m:
+        interrupt_at(m, "batches", 0, 2)
+        with pytest.raises(SystemExit):
+            train.main(tiny_args(tiny_folder, broken, *args))
+    ckpt = torch.load(broken / "last.pt", weights_only=True)
+    assert ckpt["partial"]["warmup_window"][1] == 3 * 32 and ckpt["warmup"]["end"] == -1
+    train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
+    assert untimed(metrics(broken)) == untimed(metrics(tmp_path / "straight"))
+    assert_same_weights(weights(broken), weights(tmp_path / "straight"))
+    assert torch.load(broken / "last.pt", weights_only=True)["warmup"]["end"] in (6, 11)
