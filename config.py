@@ -47,8 +47,12 @@ _data = _section("data")
 _rundir, _process = _section("run directory"), _section("hardware and process", runtime=True)
 
 
-IMAGE_SIDE = 32  # CIFAR's images (and the test's); --crop-sizes / --resize-to train early epochs smaller
-MIN_CROP = 8  # the nets downsample 8x: an 8x8 crop reaches the last stage as 1x1
+IMAGE_SIDE = 32  # CIFAR's images
+# Training levers measured and not kept (README, Speed): gone from the flags; a run made with one is refused on
+# --resume (its weights still evaluate). Their defaults; the git tag names the last commit that has them.
+RETIRED_LEVERS = {"whiten_init": False, "ema": 0.0, "flip": "random", "crop_sizes": None, "resize_to": None,
+                  "clean_epochs": 0}
+RETIRED_LEVERS_TAG = "with-retired-levers"
 
 
 class UserError(Exception):
@@ -65,8 +69,6 @@ class Config:
     arch: str = _model("resnet18", f"model: {', '.join(MODEL_NAMES)}")
     width: int = _model(16, "width of the first stage (ResNet-18: 16 -> 16/32/64/128)")
     zero_init_residual: bool = _model(False, "start each residual block as the identity")
-    whiten_init: bool = _model(False, "start the first convolution as a whitening of the training images' 3x3 "
-                                      "patches (airbench), then train it like the rest")
     # optimisation
     epochs: int = _optim(50, "training epochs; with --resume a larger value extends the run (its schedule "
                              "becomes that of a run started with the new --epochs)")
@@ -76,8 +78,6 @@ class Config:
     nesterov: bool = _optim(True, "Nesterov momentum")
     weight_decay: float = _optim(5e-4, "L2 weight decay")
     label_smoothing: float = _optim(0.1, "label smoothing of the cross-entropy, in [0, 1)")
-    ema: float = _optim(0.0, "evaluate (and save as the trained model) an exponential moving average of the "
-                             "weights with this decay per step, e.g. 0.999; 0: the raw weights")
     # schedule
     schedule: str = _sched("step", "after warm-up: step (x --gamma at each milestone) or linear (straight "
                                    "down to 0 at the last step)", choices=("step", "linear"))
@@ -101,20 +101,8 @@ class Config:
     dataset: str = _data("cifar10", "cifar10 or cifar100: which torchvision folder --data-dir holds "
                                     "(downloaded when missing) and, for cifar100, its own mean/std; class "
                                     "folders work for either", choices=("cifar10", "cifar100"))
-    flip: str = _data("random", "training mirror: random (each image with probability 1/2, every epoch) or "
-                                "alternate (airbench: a seeded half of the images in even epochs, the other "
-                                "half in odd ones)", choices=("random", "alternate"))
     crop_padding: int = _data(4, "zero padding on each side of a training image before its random crop: "
                                  "the translation range in pixels (the paper: 4; 0: flips only)")
-    crop_sizes: list[int] | None = _data(None, "progressive resizing: the side of the training crops of the "
-                                               "first epochs, one value per epoch (e.g. 24 24 28); later "
-                                               "epochs, and the test, take whole 32x32 images", nargs="+")
-    resize_to: list[int] | None = _data(None, "progressive resizing by downscaling: the side the (augmented) "
-                                              "training images of the first epochs are resized to, one value "
-                                              "per epoch (e.g. 16 16 24); later epochs, and the test, at "
-                                              "32x32", nargs="+")
-    clean_epochs: int = _data(0, "train the last N epochs on the images as they are, with no crop shift and no "
-                                 "flip: the test's images, while the learning rate is lowest")
     seed: int = _data(0, "seed for init, subset, split, order and augmentation")
     subset: int | None = _data(None, "train on a seeded random subset of N training images")
     val_split: int = _data(0, "hold out N training images for validation (and best.pt)")
@@ -164,6 +152,10 @@ class Config:
         explicit: the flags the user typed. A larger --epochs extends the run; any other experiment flag that
         differs from the run's is refused (UserError naming them all), never dropped in silence.
         """
+        if used := {k: saved[k] for k, default in RETIRED_LEVERS.items() if saved.get(k, default) != default}:
+            flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items())
+            raise UserError(f"this run was trained with {flags}, retired from train.py: evaluate it with "
+                            f"--eval-only, or resume it from the git tag {RETIRED_LEVERS_TAG}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
         for k in RUNTIME_FIELDS:
@@ -270,19 +262,8 @@ def validate(cfg: Config) -> None:
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(0 < cfg.gamma <= 1, f"--gamma must be in (0, 1], got {cfg.gamma}")
-    need(0 <= cfg.ema < 1, f"--ema is a decay per step in [0, 1), got {cfg.ema}")
     need(0 <= cfg.crop_padding <= IMAGE_SIDE, f"--crop-padding must be in [0, {IMAGE_SIDE}] (pixels), got "
                                               f"{cfg.crop_padding}")
-    need(0 <= cfg.clean_epochs < cfg.epochs, f"--clean-epochs must be in [0, --epochs), got {cfg.clean_epochs}")
-    need(not (cfg.crop_sizes and cfg.resize_to),
-         "--resize-to and --crop-sizes are two kinds of progressive resizing; give one")
-    for flag, sides in (("--crop-sizes", cfg.crop_sizes), ("--resize-to", cfg.resize_to)):
-        if sides:
-            need(all(MIN_CROP <= c <= IMAGE_SIDE for c in sides),
-                 f"{flag} must lie in [{MIN_CROP}, {IMAGE_SIDE}] (pixels), got {sides}")
-            clean = f", the last {cfg.clean_epochs} clean (--clean-epochs)" if cfg.clean_epochs else ""
-            need(len(sides) + cfg.clean_epochs < cfg.epochs, f"{flag} lists {len(sides)} epochs; the run has "
-                 f"{cfg.epochs}{clean}, and its last augmented ones train on whole 32x32 images")
     preset = RECIPES[cfg.recipe].get("warmup_epochs")  # a short run of a preset: say where the value came from
     origin = f" (--recipe {cfg.recipe} sets {preset}: give --warmup-epochs for --epochs {cfg.epochs})" \
         if preset is not None and cfg.warmup_epochs == preset else ""

@@ -219,15 +219,14 @@ def split_indices(n: int, subset: int | None, val_split: int, seed: int) -> tupl
 # -------------------------------------------------------------------------------------------- augmentation
 
 
-def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD,
-            size: int | None = None) -> torch.Tensor:
-    """Random size x size crop (default: the image's own side) of the image zero-padded by `pad`, at offsets
-    (dx, dy) in [0, H + 2*pad - size], mirrored where flip: one gather.
+def augment(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD) \
+        -> torch.Tensor:
+    """Random crop of the image's own size from the image zero-padded by `pad`, at offsets (dx, dy) in
+    [0, 2*pad], mirrored where flip: one gather.
 
-    x: (B, C, H, W) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, size, size) uint8.
+    x: (B, C, S, S) uint8; dx, dy, flip: (B,) integer tensors on x's device. Returns (B, C, S, S) uint8.
     """
-    B, C, H, W = x.shape
-    S = size or H
+    B, C, S, _ = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
     ar = torch.arange(S, device=x.device)
     rows = dy[:, None] + ar  # (B, S)
@@ -256,33 +255,20 @@ def normalize(x: torch.Tensor, channels_last: bool = False, mean=CIFAR10_MEAN, s
 class Loader:
     """Batches of one split, held on `device` as uint8.
 
-    train=True: every epoch a fresh seeded permutation with crop + flip, only full global batches (so every
-    rank of a DDP run takes the same number of steps); rank r takes its slice of each global batch.
-      flip="random": each image mirrored with probability 1/2 every epoch; "alternate" (airbench): a seeded
-      half of the images mirrored in even epochs (0, 2, ...), the other half in odd ones, so every image is
-      seen both ways every two epochs.
-      pad: zero padding on each side before the crop, i.e. each image's translation range (the paper's 4).
-      crop_sizes: progressive resizing by cropping, the crop side of epochs 0, 1, ... (e.g. (24, 24, 28));
-      later epochs, and all when empty, take crops as large as the images.
-      resize_to: progressive resizing by downscaling, the side of epochs 0, 1, ... (e.g. (16, 16, 24)): each
-      augmented whole-image crop resized to it (bilinear, antialiased), so the net sees all of every image at
-      a lower resolution; later epochs, and all when empty, at the images' own side.
-      clean_from: epochs from this one on see the images as they are, with no crop shift and no flip (the
-      test's images; None: every epoch augmented).
+    train=True: every epoch a fresh seeded permutation with crop + flip (each image mirrored with probability
+    1/2), only full global batches (so every rank of a DDP run takes the same number of steps); rank r takes
+    its slice of each global batch. pad: zero padding on each side before the crop, i.e. each image's
+    translation range (the paper's 4).
     train=False: sequential, no augmentation; rank r takes images r, r+world, ... so each is seen exactly
     once.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
-                 crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, flip: str = "random",
-                 crop_sizes: tuple[int, ...] = (), pad: int = PAD, resize_to: tuple[int, ...] = (),
-                 clean_from: int | None = None):
+                 crop_flip: bool = True, mean=CIFAR10_MEAN, std=CIFAR10_STD, pad: int = PAD):
         self.x, self.y = x.to(device), y.to(device)
         self.mean, self.std = tuple(mean), tuple(std)  # the normalisation the net is (or was) trained with
-        self.crop_flip = crop_flip  # augment training batches (off only for checks and benchmarks)
-        self.flip, self.crop_sizes, self.pad = flip, tuple(crop_sizes), pad
-        self.resize_to, self.clean_from = tuple(resize_to), clean_from
+        self.crop_flip, self.pad = crop_flip, pad  # augment training batches (off only for checks and benchmarks)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.device = torch.device(device)
@@ -293,33 +279,18 @@ class Loader:
         n_local = len(range(self.rank, len(self.x), self.world))
         return -(-n_local // self.batch_size)
 
-    def crop_size(self, epoch: int) -> int:
-        return self.crop_sizes[epoch] if epoch < len(self.crop_sizes) else self.x.shape[-1]
-
-    def augments(self, epoch: int) -> bool:
-        """Whether `epoch`'s training images are cropped and flipped."""
-        return self.crop_flip and (self.clean_from is None or epoch < self.clean_from)
-
-    def input_side(self, epoch: int) -> int:
-        """The side of the images the net sees in `epoch`: the crop's, or the one --resize-to scales it to."""
-        return self.resize_to[epoch] if epoch < len(self.resize_to) else self.crop_size(epoch)
-
     def augmentation(self, epoch: int) -> tuple[torch.Tensor, ...]:
         """(perm, dx, dy, flip) of `epoch`, each (N,) on the device: the order, and each image's crop offsets
         and mirroring. A pure function of (seed, epoch), drawn on the CPU: the same on any device."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n, side = len(self.x), self.x.shape[-1]
+        n = len(self.x)
         perm = torch.randperm(n, generator=g)
-        dx, dy = torch.randint(0, side + 2 * self.pad - self.crop_size(epoch) + 1, (2, n), generator=g)
+        dx, dy = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g)
         flip = torch.randint(0, 2, (n,), generator=g)
-        if self.flip == "alternate":  # the half flipped in even epochs is drawn once, from the seed alone
-            even = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
-            flip = torch.randint(0, 2, (n,), generator=even) ^ (epoch % 2)
         return tuple(t.to(self.device) for t in (perm, dx, dy, flip))
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (inputs float (b, 3, S, S), labels (b,)) from step `start` of `epoch`; S is 32 for CIFAR, or
-        the epoch's side while resizing (input_side)."""
+        """Yield (inputs float (b, 3, 32, 32), labels (b,)) from step `start` of `epoch`."""
         if not self.train:
             idx_all = torch.arange(self.rank, len(self.x), self.world, device=self.device)
             for i in range(start * self.batch_size, len(idx_all), self.batch_size):
@@ -327,14 +298,11 @@ class Loader:
                 yield normalize(self.x[idx], self.channels_last, self.mean, self.std), self.y[idx]
             return
         perm, dx, dy, flip = self.augmentation(epoch)
-        size, side, local = self.crop_size(epoch), self.input_side(epoch), self.batch_size // self.world
+        local = self.batch_size // self.world
         for step in range(start, len(self)):
             lo = step * self.batch_size + self.rank * local
             idx = perm[lo:lo + local]
             xb = self.x[idx]
-            if self.augments(epoch):
-                xb = augment(xb, dx[idx], dy[idx], flip[idx], self.pad, size)
-            xb = normalize(xb, self.channels_last, self.mean, self.std)
-            if side != size:  # (b, 3, size, size) -> (b, 3, side, side)
-                xb = F.interpolate(xb, size=(side, side), mode="bilinear", antialias=True)
-            yield xb, self.y[idx]
+            if self.crop_flip:
+                xb = augment(xb, dx[idx], dy[idx], flip[idx], self.pad)
+            yield normalize(xb, self.channels_last, self.mean, self.std), self.y[idx]

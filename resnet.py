@@ -85,21 +85,6 @@ class ResNet(nn.Module):
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    @torch.no_grad()
-    def whiten_conv1_(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Start conv1 as a patch-whitening layer (airbench; Page, "How to train your ResNet"): its filters
-        become the top eigenvectors of the covariance of the 3x3 patches of `images` (normalised training
-        images, (N, 3, H, W)), each scaled by 1 / sqrt(eigenvalue + eps), and their negatives, so that after
-        the ReLU both signs pass. An initialisation only: conv1 trains like every other layer. Filters beyond
-        the 27 a 3x3x3 patch allows keep their He init."""
-        w = self.conv1.weight  # (C, 3, 3, 3)
-        patches = F.unfold(images.float(), kernel_size=w.shape[-1]).transpose(1, 2).flatten(0, 1)  # (N*L, 27)
-        covariance = (patches.T @ patches / len(patches)).double()
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
-        k = min(w.shape[0] // 2, len(eigenvalues))
-        top = (eigenvectors[:, -k:] / (eigenvalues[-k:] + eps).sqrt()).T.flip(0)  # (k, 27), largest first
-        w[:2 * k] = torch.cat([top, -top]).view(2 * k, *w.shape[1:]).to(w)
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images (uint8 0-255, or floats in [0, 1]; (B, 3, H, W)) -> the input this net expects."""
         return normalize(images, mean=self.normalization["mean"], std=self.normalization["std"])

@@ -9,9 +9,9 @@ and classic.py read. One owner for the format.
 A checkpoint is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
 model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the
 epoch's running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std)
-and rng; with --ema also ema, the averaged weights, which are the trained model (what was evaluated, and what
-load_model and export_weights take) while model holds the raw ones training resumes from. Older checkpoints
-without normalization were all trained on CIFAR-10's.
+and rng; with --warmup until-error also warmup (its end step). Runs of the retired --ema lever also hold ema,
+the averaged weights, which are their trained model (what was evaluated, and what load_model and export_weights
+take). Older checkpoints without normalization were all trained on CIFAR-10's.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def export_weights(run_path: str, out: str) -> dict:
     ckpt = read_checkpoint(path)
     if "config" not in ckpt:
         raise CheckpointError(f"{path} is not a train.py run")
-    trained = ckpt.get("ema", ckpt["model"])  # with --ema, the averaged weights were the ones evaluated
+    trained = ckpt.get("ema", ckpt["model"])  # the retired --ema: the averaged weights were the ones evaluated
     weights = {"arch": ckpt["arch"], "model_kwargs": ckpt["model_kwargs"], "model": trained,
                "classes": ckpt["classes"], "normalization": ckpt.get("normalization", CIFAR10_NORMALIZATION),
                "epoch": ckpt["epoch"], "source": f"{os.path.dirname(path) or '.'}, epoch {ckpt['epoch']}"}

@@ -13,7 +13,6 @@ final model's confusion.png and mistakes.png. --dataset cifar100 trains on CIFAR
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import sys
@@ -37,7 +36,6 @@ from runs import (CheckpointError, append_metrics, format_row, load_weights, mod
                   read_checkpoint, read_metrics, run_info, save_atomic, start_files, to_cpu)
 
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
-WHITEN_IMAGES = 2000  # training images whose 3x3 patches --whiten-init whitens (2M patches)
 
 
 class NonFiniteLoss(Exception):
@@ -171,34 +169,10 @@ class ErrorWarmup:
         self.sums.copy_(window if window is not None else torch.zeros(2))
 
 
-class WeightEMA:
-    """--ema: an exponential moving average of a model's weights and BatchNorm statistics, updated after every
-    optimizer step; evaluated, drawn and exported instead of the raw weights. The decay warms up as
-    min(decay, (1 + t) / (10 + t)) after t steps, so the random init fades within the first hundred steps.
-    (torch.optim.swa_utils.AveragedModel does the same averaging but reads its step count from the device at
-    every update: a host sync per step on a GPU.)"""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(),
-                                                                               *model.buffers()]))
-        self.averaged = [e for e, _ in pairs if e.is_floating_point()]  # weights, BN means and variances
-        self.current = [m.detach() for e, m in pairs if e.is_floating_point()]  # model: the one SGD updates
-        self.counted = [(e, m) for e, m in pairs if not e.is_floating_point()]  # BN's num_batches_tracked
-
-    @torch.no_grad()
-    def update(self, steps: int) -> None:
-        """After optimizer step number `steps` (1-based, global)."""
-        torch._foreach_lerp_(self.averaged, self.current, 1.0 - min(self.decay, steps / (9.0 + steps)))
-        for e, m in self.counted:
-            e.copy_(m)
-
-
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
                     sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
-                    after_step: Callable[[int], None] = lambda step: None, ema: WeightEMA | None = None,
-                    warmup: ErrorWarmup | None = None) -> None:
+                    after_step: Callable[[int], None] = lambda step: None, warmup: ErrorWarmup | None = None) \
+        -> None:
     """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs
     after each step: train.py's checks, progress, checkpoints and stops (StepPolicy). warmup: --warmup
     until-error's test, which may end the warm-up before the scheduler sets the next step's lr."""
@@ -213,8 +187,6 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         if warmup is not None:
             warmup.add(logits, y, step, len(loader), epoch * len(loader) + step)
         scheduler.step()
-        if ema is not None:
-            ema.update(scheduler.last_epoch)  # LambdaLR's count of steps taken: the global step
         sums.add(loss, logits, y)
         after_step(step)
 
@@ -330,24 +302,15 @@ class TrainState:
     epoch: int = 0  # epochs done
     step: int = 0  # steps done in the epoch after them
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
-    ema: WeightEMA | None = None  # with --ema
     warmup: ErrorWarmup | None = None  # with --warmup until-error
 
-    def trained_model(self) -> nn.Module:
-        """The model evaluated, checkpointed as the result and drawn: the EMA's with --ema."""
-        return self.ema.module if self.ema is not None else self.model
 
-
-def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device,
-              fresh: bool = True) -> TrainState:
-    """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule.
-    fresh=False: a checkpoint's weights will replace the initial ones, so no data-dependent init is computed."""
+def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device) -> TrainState:
+    """A fresh model (knowing its classes and the mean/std its loaders feed it), SGD and the lr schedule."""
     classes = data.classes
     model = build_model(cfg.arch, **model_kwargs(cfg, len(classes))).to(device)
     model.classes = list(classes)
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
-    if cfg.whiten_init and fresh:  # a seeded sample of the training split: validation and test images unseen
-        model.whiten_conv1_(model.normalize(train_loader.x[:WHITEN_IMAGES]))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -357,8 +320,7 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
                          device, train_loader.world) if cfg.warmup == "until-error" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, steps_per_epoch, cfg, warmup.end if warmup is not None else None))
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), ema=ema, warmup=warmup)
+    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), warmup=warmup)
 
 
 def model_kwargs(cfg: Config, num_classes: int) -> dict:
@@ -375,14 +337,11 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
             "rng": {"torch": torch.get_rng_state()},
-            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {}),
-            **({"ema": to_cpu(state.ema.module.state_dict())} if state.ema is not None else {})}
+            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {})}
 
 
 def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
     load_weights(state.model, ckpt, path)
-    if state.ema is not None:
-        load_weights(state.ema.module, ckpt, path, key="ema")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
@@ -444,9 +403,7 @@ def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, worl
     train_x, train_y = data.train_x[train_idx], data.train_y[train_idx]
     val_x, val_y = data.train_x[val_idx], data.train_y[val_idx]
     val = Loader(val_x, val_y, EVAL_BATCH, train=False, **kw) if cfg.val_split else None
-    train = Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, flip=cfg.flip,
-                   crop_sizes=cfg.crop_sizes or (), pad=cfg.crop_padding, resize_to=cfg.resize_to or (),
-                   clean_from=cfg.epochs - cfg.clean_epochs if cfg.clean_epochs else None, **kw)
+    train = Loader(train_x, train_y, cfg.batch_size, train=True, seed=cfg.seed, pad=cfg.crop_padding, **kw)
     return Loaders(train=train,
                    test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw), val=val)
 
@@ -511,7 +468,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
-    state = new_state(cfg, data, loaders.train, device, fresh=ckpt is None)
+    state = new_state(cfg, data, loaders.train, device)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world, local_rank)
@@ -533,7 +490,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
             raise UserError(f"{e}; {saved}; try a lower --lr (now {cfg.lr})", code=1) from None
     wall = time.time() - t_start
     if rank == 0 and row:
-        plot_model_pictures(state.trained_model(), data.test_x, data.test_y, data.classes, cfg.out,
+        plot_model_pictures(state.model, data.test_x, data.test_y, data.classes, cfg.out,
                             f"{cfg.arch}: ")
     return summarize(cfg, row, state.best_val, wall, rank)
 
@@ -554,8 +511,7 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
-                            epoch, state.step, amp=cfg.amp, after_step=policy, ema=state.ema,
-                            warmup=state.warmup)
+                            epoch, state.step, amp=cfg.amp, after_step=policy, warmup=state.warmup)
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
@@ -573,7 +529,7 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
 
 def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: bool = True) -> dict:
     """The metrics of the epoch just trained: its training sums over every rank, then (when evaluate_now) the
-    test and validation evaluation of the trained model (the EMA's with --ema), then its seconds (training and
+    test and validation evaluation of the trained model, then its seconds (training and
     evaluation; a resumed epoch's include those before the stop) and images/s (all ranks' training images over
     the training seconds, both timed)."""
     sums = state.sums.reduced(world)
@@ -590,7 +546,7 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
 
 def evaluated(state: TrainState, loaders: Loaders, world: int) -> dict:
     """Test (and validation) loss and accuracy of the trained model, for the epoch's row."""
-    model = state.trained_model()
+    model = state.model
     broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
     test = evaluate(model, loaders.test, len(state.classes), world, state.cfg.tta)
     row = {"test_loss": test["loss"], "test_acc": test["acc"]}
