@@ -29,8 +29,9 @@ from torch import nn
 
 import train
 from basic_block import BasicBlock
-from config import Parser, UserError, compile_unavailable, parse_config, run_script
+from config import Parser, UserError, parse_config, run_script
 from data import DataError, load_cifar
+from hardware import compile_unavailable
 from resnet import count_parameters, is_plain, model_depth
 from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
                   read_metrics)
@@ -267,9 +268,9 @@ def labelled_model(path: str) -> tuple[str, nn.Module]:
     return label, model_from_checkpoint(ckpt, path).eval()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def get_args_parser() -> Parser:
     p = Parser(prog="ablate.py", description=__doc__.split("\n\n")[0],
-                                epilog="Other flags go to train.py and are part of the grid's shared recipe.")
+               epilog="Other flags go to train.py and are part of the grid's shared recipe.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
                    help="quick: 10k-image subset, 10 epochs, depths 20 and 56 plus the ResNet-18 pair; "
                         "depth: all 50k images, 15 epochs of the fast recipe, depths 56 20 44 32 110; "
@@ -294,19 +295,74 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runtime = p.add_argument_group("this process, not the experiment (not part of the grid; free to change)")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="as train.py --device")
     runtime.add_argument("--compile", action="store_true", help="as train.py --compile")
+    return p
+
+
+def refuse_unused(p: Parser, args, mode: str, names: tuple[str, ...], extra: list[str] = ()) -> None:
+    """A flag typed beside --responses or --report that would change nothing: one line, exit 2."""
+    unused = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+    unused += [" ".join(extra)] if extra else []
+    if unused:
+        p.exit(2, f"ablate.py: error: {mode} trains nothing; {', '.join(unused)} would change nothing: drop them\n")
+
+
+def open_grid(p: Parser, args, recipe: list[str]) -> tuple[list[str], list[str], str]:
+    """The grid's nets, its shared train.py recipe and its directory, every flag checked before the first run
+    (a typo is one line now, not a failed run later); grid.json records the recipe, and a directory holding
+    runs of another recipe is refused."""
+    base, depths, out_name, with_18 = PRESETS[args.preset]
+    for d in args.depths or depths:
+        if (d - 2) % 6 or d < 8:
+            p.exit(2, f"ablate.py: error: CIFAR depths are 6n+2 (20, 32, 44, 56, 110), got {d}\n")
+    archs = args.archs or [f"{k}{d}" for d in args.depths or depths for k in ("resnet", "plain")] + \
+        (["resnet18", "plain18"] if with_18 else [])
+    recipe = base + recipe + (["--dataset", args.dataset] if args.dataset != "cifar10" else [])  # typed flags win
+    try:
+        parse_config(["--arch", archs[0], "--data-dir", args.data_dir, *recipe])
+    except UserError as e:
+        p.exit(2, f"ablate.py: error: {e}\n")
+    out = args.out or os.path.join("runs", out_name)
+    os.makedirs(out, exist_ok=True)
+    grid_file = os.path.join(out, "grid.json")
+    if os.path.exists(grid_file):
+        with open(grid_file) as f:
+            if json.load(f) != {"recipe": recipe}:
+                p.exit(2, f"ablate.py: error: {out} holds runs made with other training flags; pass another --out\n")
+    with open(grid_file, "w") as f:
+        json.dump({"recipe": recipe}, f)
+    return archs, recipe, out
+
+
+def report(out: str, archs: list[str], seeds: list[int], data_dir: str, dataset: str, images: int) -> list[dict]:
+    """Tables, Figure 6 and Figure 7 of the nets whose every seed has finished; prints the table."""
+    done = [a for a in sorted(archs, key=lambda a: (model_depth(a), not is_plain(a)))
+            if all(finished(run_dir(out, a, s)) for s in seeds)]
+    missing = [a for a in archs if a not in done]
+    if not done:
+        print(f"[ablate] not finished yet: {', '.join(missing)}", flush=True)
+        return []
+    rows = summarize(out, done, seeds)
+    write_tables(rows, out)
+    plot_errors(out, done, seeds)
+    nets = [(a, load_model(os.path.join(run_dir(out, a, seeds[0]), "last.pt"))) for a in done]
+    data = load_cifar(data_dir, dataset)
+    chance = 100 * (1 - 1.5 / len(data.classes))  # final training error this high: the net learned nothing
+    at_chance = tuple(r["arch"] for r in rows if r["train_err"] >= chance)
+    at_chance = at_chance if len(at_chance) < len(rows) else ()  # none trained (a smoke run): draw them all
+    plot_responses(nets, data.test_x[:images], os.path.join(out, "responses.png"), at_chance)
+    with open(os.path.join(out, "ablation.md")) as f:
+        print(f.read())
+    if missing:
+        print(f"[ablate] not finished yet: {', '.join(missing)}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = get_args_parser()
     args, recipe = p.parse_known_args(argv)
-
-    def refuse_unused(mode: str, names: tuple[str, ...], extra: list[str] = ()) -> None:
-        """A flag typed beside --responses or --report that would change nothing: one line, exit 2."""
-        unused = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
-        unused += [" ".join(extra)] if extra else []
-        if unused:
-            p.exit(2, f"ablate.py: error: {mode} trains nothing; {', '.join(unused)} would change nothing: drop "
-                      "them\n")
-
     if args.responses:
-        refuse_unused("--responses", ("preset", "depths", "archs", "seeds", "jobs", "report", "compile", "device"),
-                      recipe)
+        refuse_unused(p, args, "--responses", ("preset", "depths", "archs", "seeds", "jobs", "report", "compile",
+                                               "device"), recipe)
         nets = [labelled_model(c) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
         path = plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
@@ -314,64 +370,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[ablate] Figure 7 for {len(nets)} checkpoint(s): {path}")
         return []
     if args.report:
-        refuse_unused("--report", ("jobs", "compile", "device"))
-    base, depths, out_name, with_18 = PRESETS[args.preset]
-    depths = args.depths or depths
-    for d in depths:
-        if (d - 2) % 6 or d < 8:
-            p.exit(2, f"ablate.py: error: CIFAR depths are 6n+2 (20, 32, 44, 56, 110), got {d}\n")
+        refuse_unused(p, args, "--report", ("jobs", "compile", "device"))
     if args.jobs is None:
         args.jobs = 1 if args.device != "cpu" and torch.cuda.is_available() else min(2, os.cpu_count() or 1)
     if args.jobs < 1:
         p.exit(2, f"ablate.py: error: --jobs must be at least 1, got {args.jobs}\n")
-    archs = args.archs or [f"{k}{d}" for d in depths for k in ("resnet", "plain")] + \
-        (["resnet18", "plain18"] if with_18 else [])
-    recipe = base + recipe + (["--dataset", args.dataset] if args.dataset != "cifar10" else [])  # typed flags win
-    try:  # every flag checked before the first run: a typo is one line now, not a failed run later
-        parse_config(["--arch", archs[0], "--data-dir", args.data_dir, *recipe])
-    except UserError as e:
-        p.exit(2, f"ablate.py: error: {e}\n")
-    runtime_flags = (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.compile and not args.report and (why := compile_unavailable(device)):
         p.exit(2, f"ablate.py: error: --compile: {why}\n")
-    out = args.out or os.path.join("runs", out_name)
-    os.makedirs(out, exist_ok=True)
-    grid = {"recipe": recipe}
-    grid_file = os.path.join(out, "grid.json")
-    if os.path.exists(grid_file):
-        with open(grid_file) as f:
-            if json.load(f) != grid:
-                p.exit(2, f"ablate.py: error: {out} holds runs made with other training flags; pass another --out\n")
-    with open(grid_file, "w") as f:
-        json.dump(grid, f)
-    cells = [(a, s) for a in archs for s in args.seeds]
-    failed = []
+    archs, recipe, out = open_grid(p, args, recipe)
+    runtime_flags = (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
+    cells, failed = [(a, s) for a in archs for s in args.seeds], []
     if not args.report and args.jobs == 1:
         for arch, seed in cells:
             run_one(arch, seed, out, recipe, args.data_dir, runtime_flags)
     elif not args.report:
         failed = run_parallel(cells, args.jobs, out, recipe, args.data_dir, runtime_flags)
-    done = [a for a in sorted(archs, key=lambda a: (model_depth(a), not is_plain(a)))
-            if all(finished(run_dir(out, a, s)) for s in args.seeds)]
-    if done:
-        rows = summarize(out, done, args.seeds)
-        write_tables(rows, out)
-        plot_errors(out, done, args.seeds)
-        nets = [(a, load_model(os.path.join(run_dir(out, a, args.seeds[0]), "last.pt"))) for a in done]
-        data = load_cifar(args.data_dir, args.dataset)
-        chance = 100 * (1 - 1.5 / len(data.classes))  # final training error this high: the net learned nothing
-        at_chance = tuple(r["arch"] for r in rows if r["train_err"] >= chance)
-        at_chance = at_chance if len(at_chance) < len(rows) else ()  # none trained (a smoke run): draw them all
-        plot_responses(nets, data.test_x[:args.response_images], os.path.join(out, "responses.png"), at_chance)
-        with open(os.path.join(out, "ablation.md")) as f:
-            print(f.read())
-    missing = [a for a in archs if a not in done]
-    if missing:
-        print(f"[ablate] not finished yet: {', '.join(missing)}", flush=True)
+    rows = report(out, archs, args.seeds, args.data_dir, args.dataset, args.response_images)
     if failed:
         p.exit(1, f"ablate.py: error: {len(failed)} run(s) failed: {', '.join(failed)}\n")
-    return rows if done else []
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ Measures, on the same model, batch size and data:
   - data start-up: seconds to the first batch from a cold image folder (decode) and from the uint8 cache;
   - scaling tables: images/s and MFU against width, depth and batch size.
 Figures are printed as a table and written as JSON (--json). Targets are read off these figures, never asserted.
-Every loop runs with train.py's backend settings (config.configure_backends): cuDNN autotuning on a GPU, freed
+Every loop runs with train.py's backend settings (hardware.configure_backends): cuDNN autotuning on a GPU, freed
 memory kept in the process on the CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -35,10 +36,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, run_script
+from config import Parser, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
+from hardware import bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, machine_name
 from resnet import MODEL_NAMES, build_model
-from runs import machine_name
 from train import EpochSums, train_one_epoch
 
 
@@ -175,7 +176,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def main(argv: list[str] | None = None) -> dict:
+def get_args_parser() -> Parser:
     p = Parser(prog="bench.py", description="Benchmark our training loop against the classic DataLoader loop.")
     p.add_argument("--data-dir", default=None, help="data directory (default: synthetic images, with a note)")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10", help="as train.py --dataset")
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side comparison")
     p.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (compiles first)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """The flags, checked (a mistake is one line, exit 2), and the device they name."""
+    p = get_args_parser()
     a = p.parse_args(argv)
     overridden = [f"--{n.replace('_', '-')}" for n in ("batch_size", "windows", "steps", "rounds")
                   if getattr(a, n) != p.get_default(n)]
@@ -202,8 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
                           ("cpu" if a.device == "auto" else a.device))
     if a.compile and (why := compile_unavailable(device)):
         p.error(f"--compile: {why}")
-    warmup, steps, windows = (1, 2, 1) if a.quick else (5, a.steps, a.windows)
-    batch = 32 if a.quick else a.batch_size
+    return a, device
+
+
+def bench_images(a: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training images the loops run on, and notes on what the figures mean (also sets the backends)."""
     notes = []
     if a.data_dir:
         d = load_cifar(a.data_dir, a.dataset, download=False)
@@ -218,48 +228,69 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("freed memory kept in the process (as train.py on the CPU) for every loop timed here")
     if why := channels_last_fault(build_model(a.arch, width=a.width), device):
         notes.append(f"{a.arch} at width {a.width} has {why}: the 'ours' loop runs NCHW too, as train.py")
+    return x, y, notes
 
-    n = 512 if a.quick else (4096 if device.type == "cpu" else 8192)
-    # PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32) but fp32 matmuls not: the
-    # fp32 peak is measured the way the convolutions run, so MFU compares like with like (and JSON says which).
-    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    peak32 = matmul_peak(device, torch.float32, n, 3 if a.quick else 10)
-    peak16 = None if bf16_unavailable(device) else matmul_peak(device, torch.bfloat16, n, 3 if a.quick else 10)
-    flops = train_flops_per_image(a.arch, a.width, device)
-    run = dict(device=device, warmup=warmup, steps=steps, windows=windows)
-    # Interleaved rounds: a shared host drifts by 10-20% over minutes, so each round times every loop back to back
-    # and the speed-up is the median of the per-round ratios.
+
+def time_rounds(x, y, a: argparse.Namespace, batch: int, run: dict, amp: bool) -> tuple[dict, float]:
+    """Images/s of every loop in interleaved rounds: a shared host drifts by 10-20% over minutes, so each round
+    times every loop back to back (a speed-up is then the median of the per-round ratios). Also the peak
+    memory of our loops, before the classic one runs."""
     rounds = {"ours": [], "ours_nchw": [], "classic": []} | ({"ours_compiled": []} if a.compile else {}) | \
-        ({"ours_amp": []} if peak16 else {})
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the matmul peak above set the high-water mark
+        ({"ours_amp": []} if amp else {})
+    if run["device"].type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the matmul peak set the high-water mark
     for i in range(1 if a.quick else a.rounds):
         rounds["ours"].append(ours_images_per_s(x, y, a.arch, a.width, batch, **run))
         if "ours_amp" in rounds:
             rounds["ours_amp"].append(ours_images_per_s(x, y, a.arch, a.width, batch, amp=True, **run))
         rounds["ours_nchw"].append(ours_images_per_s(x, y, a.arch, a.width, batch, channels_last=False, **run))
         if i == 0:
-            mem_ours = peak_memory_mb(device)  # the high-water mark of our loops, before the classic one runs
+            mem_ours = peak_memory_mb(run["device"])
         rounds["classic"].append(classic_images_per_s(x, y, a.arch, a.width, batch, **run))
         if a.compile:  # a fresh model each round: after the first, inductor's cache makes the compile short
             rounds["ours_compiled"].append(ours_images_per_s(x, y, a.arch, a.width, batch, compile=True, **run))
-    med = {k: statistics.median(v) for k, v in rounds.items()}
-    speedup = {k: round(statistics.median(o / c for o, c in zip(rounds[k], rounds["classic"])), 2)
-               for k in rounds if k != "classic"}  # median of the per-round ratios
-    where = ours_images_per_s(x, y, a.arch, a.width, batch, profile=True, **run)
-    peak32 = max(peak32, matmul_peak(device, torch.float32, n, 3 if a.quick else 10))  # again: the host drifts
+    return rounds, mem_ours
 
-    scaling_run = dict(run, steps=max(2, steps // 4), windows=min(windows, 3))  # shorter windows: bigger nets
+
+def scaling(x, y, a: argparse.Namespace, batch: int, run: dict, peak32: float) -> dict:
+    """Our loop's images/s and MFU as the width, the depth and the batch grow (shorter windows: bigger nets)."""
+    scaling_run = dict(run, steps=max(2, run["steps"] // 4), windows=min(run["windows"], 3))
 
     def row(arch: str, width: int, bs: int) -> dict:
-        f = train_flops_per_image(arch, width, device)
+        f = train_flops_per_image(arch, width, run["device"])
         ips = ours_images_per_s(x, y, arch, width, bs, **scaling_run)
         return {"arch": arch, "width": width, "batch_size": bs, "gflop_per_image": round(f / 1e9, 4),
                 "images_per_s": round(ips, 1), "mfu_fp32": round(f * ips / peak32, 4)}
 
     widths, depths, batches = ((16,), ("resnet20",), (32,)) if a.quick else \
         ((16, 32, 64), ("resnet20", "resnet56", "resnet110"), (64, 128, 256, 512))
+    return {"width": [row("resnet18", w, batch) for w in widths], "depth": [row(d, 16, batch) for d in depths],
+            "batch_size": [row(a.arch, a.width, bs) for bs in batches]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a, device = parse_args(argv)
+    x, y, notes = bench_images(a, device)
+    batch = 32 if a.quick else a.batch_size
+    run = dict(device=device, warmup=1 if a.quick else 5, steps=2 if a.quick else a.steps,
+               windows=1 if a.quick else a.windows)
+    n, reps = (512, 3) if a.quick else (4096 if device.type == "cpu" else 8192, 10)
+    # PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32) but fp32 matmuls not: the
+    # fp32 peak is measured the way the convolutions run, so MFU compares like with like (and JSON says which).
+    tf32, tf32_before = device.type == "cuda" and torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:  # for the matmul peaks only: what runs after bench.py in this process keeps its own setting
+        peak32 = matmul_peak(device, torch.float32, n, reps)
+        peak16 = None if bf16_unavailable(device) else matmul_peak(device, torch.bfloat16, n, reps)
+        rounds, mem_ours = time_rounds(x, y, a, batch, run, amp=peak16 is not None)
+        where = ours_images_per_s(x, y, a.arch, a.width, batch, profile=True, **run)
+        peak32 = max(peak32, matmul_peak(device, torch.float32, n, reps))  # again: the host drifts
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    flops, med = train_flops_per_image(a.arch, a.width, device), {k: statistics.median(v) for k, v in rounds.items()}
+    speedup = {k: round(statistics.median(o / c for o, c in zip(rounds[k], rounds["classic"])), 2)
+               for k in rounds if k != "classic"}  # median of the per-round ratios
+    steps = run["steps"]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench.py " + " ".join(argv or sys.argv[1:]),
         "machine": {"device": machine_name(device), "cpu_cores": os.cpu_count(),
@@ -278,11 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "time_breakdown": {"steps": steps, "conv_share": round(where["conv_s"] / where["wall_s"], 3),
                            "batchnorm_share": round(where["batchnorm_s"] / where["wall_s"], 3),
                            "conv_only_mfu_fp32": round(flops * steps * batch / where["conv_s"] / peak32, 4)},
-        "startup": startup_seconds(a.data_dir),
-        "scaling": {"width": [row("resnet18", w, batch) for w in widths],
-                    "depth": [row(dep, 16, batch) for dep in depths],
-                    "batch_size": [row(a.arch, a.width, bs) for bs in batches]},
-        "notes": notes,
+        "startup": startup_seconds(a.data_dir), "scaling": scaling(x, y, a, batch, run, peak32), "notes": notes,
     }
     t = result["time_breakdown"]  # how close the whole step comes to the convolutions' own speed
     t["of_conv_only_limit"] = round(result["mfu_fp32"] / t["conv_only_mfu_fp32"], 3)

@@ -20,7 +20,8 @@ from torch import nn
 from config import Parser, UserError, resolve_device, run_script
 from data import CIFAR10_MEAN, CIFAR10_STD, DataError, load_cifar10
 from resnet import MODEL_NAMES, build_model
-from runs import append_metrics, format_row, machine_name
+from hardware import machine_name
+from runs import append_metrics, format_row
 
 
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:

@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from basic_block import SHORTCUTS, BasicBlock
@@ -179,17 +178,6 @@ def cifar_resnet(depth: int, num_classes: int = 10, width: int = 16, shortcut: s
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------- trained nets
-
-
-def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:
-    """A trained model, in eval mode, from a train.py checkpoint or a pytorch_resnet_cifar10 one:
-    runs.load_model, here too so that `from resnet import ResNet18, load_model` is all a notebook needs."""
-    from runs import load_model as load  # runs.py builds its nets with this module: imported on use
-
-    return load(path, map_location)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -20,14 +20,13 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import warnings
 
 import torch
 from torch import nn
 
-from config import cpu_bf16_units
 from data import CIFAR10_MEAN, CIFAR10_STD
+from hardware import machine_name
 from resnet import ResNet, build_model
 
 
@@ -247,22 +246,6 @@ def run_info(cfg, device: torch.device, world: int) -> dict:
     return {"config": dataclasses.asdict(cfg), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "device": machine_name(device), "world_size": world,
             "threads": torch.get_num_threads(), "git_commit": commit}
-
-
-def machine_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model, cores and vector instructions, e.g. "cpu: AMD EPYC (2 cores,
-    AVX2)": timings, and the last bits of a CPU run's numbers, depend on them (AVX2 and AVX-512 kernels round
-    differently)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux; platform.processor() there says only "x86_64"
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    units = [torch.backends.cpu.get_cpu_capability(), *cpu_bf16_units()]  # e.g. AVX512, AMX: what --amp runs on
-    return f"cpu: {model} ({os.cpu_count()} cores, {', '.join(units)})"
 
 
 def start_files(out: str, info: dict, resumed: dict | None, epochs_done: int) -> None:

@@ -13,6 +13,7 @@ final model's confusion.png and mistakes.png. --dataset cifar100 trains on CIFAR
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -26,10 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from config import (Config, UserError, channels_last_fault, configure_backends, explicit_flags, parse_config,
-                    resolve_device, run_script, validate_runtime)
+from config import Config, UserError, explicit_flags, parse_config, resolve_device, run_script, validate_runtime
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
+from hardware import channels_last_fault, configure_backends
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
 from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint,
@@ -365,7 +366,7 @@ def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: i
 
 
 def avoid_cpu_1x1_fault(cfg: Config, device: torch.device, explicit: set[str], rank: int) -> None:
-    """Train NCHW where channels_last would meet a oneDNN fault (config.channels_last_fault)."""
+    """Train NCHW where channels_last would meet a oneDNN fault (hardware.channels_last_fault)."""
     if not cfg.channels_last:
         return
     # the shortcut convolutions do not depend on the number of classes
@@ -417,9 +418,12 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward.
+        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward. The
+        # argument's name since torch 2.13 (the old one still works there, with a FutureWarning)
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        broadcast_buffers=not cfg.sync_bn)
+                                        **{sync: not cfg.sync_bn})
     return torch.compile(model) if cfg.compile else model
 
 
@@ -442,7 +446,7 @@ def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Co
         if "config" not in ckpt:
             source = ckpt.get("source", "no run")
             raise UserError(f"{cfg.resume_path()} holds trained weights ({source}), not a train.py run: "
-                            "evaluate it with --eval-only, or load it with resnet.load_model")
+                            "evaluate it with --eval-only, or load it with runs.load_model")
         return Config.for_resume(ckpt["config"], cfg, explicit), ckpt
 
     result, err = attempt(check, UserError, CheckpointError)

@@ -13,6 +13,7 @@ from torch import nn
 import bench
 import classic
 import config
+import hardware
 from data import CIFAR10_MEAN, CIFAR10_STD, Loader
 from resnet import build_model
 from train import EpochSums, train_one_epoch
@@ -25,7 +26,13 @@ def test_flop_count_resnet18_width16():
 
 def test_quick_writes_every_key(tiny_folder, tmp_path):
     path = tmp_path / "b.json"
-    bench.main(["--quick", "--data-dir", tiny_folder, "--json", str(path)])
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # a caller's setting
+    try:
+        bench.main(["--quick", "--data-dir", tiny_folder, "--json", str(path)])
+        assert torch.backends.cuda.matmul.allow_tf32  # set for the matmul peak only (off on a CPU), then given back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     with pytest.raises(SystemExit) as e:  # --quick's own sizes: a typed one would be ignored, so it is refused
         bench.main(["--quick", "--rounds", "5"])
     assert e.value.code == 2
@@ -153,9 +160,9 @@ def test_faulty_channels_last_1x1_convolutions_time_nchw(monkeypatch):
     """ResNet-18 at width 4 has a 1x1 stride-2 convolution on 4 channels (oneDNN#6035, see train.py): the fault
     is found on the CPU only, and bench.py's loop times it NCHW, as train.py trains it, instead of hanging."""
     cpu = torch.device("cpu")
-    assert "on 4 channels" in config.channels_last_fault(build_model("resnet18", width=4), cpu)
-    assert config.channels_last_fault(build_model("resnet18", width=16), cpu) is None
-    assert config.channels_last_fault(build_model("resnet18", width=4), torch.device("cuda")) is None
+    assert "on 4 channels" in hardware.channels_last_fault(build_model("resnet18", width=4), cpu)
+    assert hardware.channels_last_fault(build_model("resnet18", width=16), cpu) is None
+    assert hardware.channels_last_fault(build_model("resnet18", width=4), torch.device("cuda")) is None
     x, y = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10
     seen = []  # per epoch: (model in channels_last, loader yields channels_last)
     monkeypatch.setattr(bench, "train_one_epoch", lambda model, loader, *a, **k: seen.append(

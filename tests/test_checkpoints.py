@@ -15,7 +15,8 @@ from torch import nn
 import train
 from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
 from data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-from resnet import build_model, load_model
+from resnet import build_model
+from runs import load_model
 from runs import PORT_NORMALIZATION
 
 PEER_WEIGHTS = os.path.join(ROOT, "..", "shared", "reference", "peer-weights")

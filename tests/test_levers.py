@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import config
+import hardware
 import train
 from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
 from data import PAD, Cifar, Loader
@@ -66,7 +67,7 @@ def test_eval_every_skips_evaluation_between_and_always_evaluates_the_last_epoch
 
 
 def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, next(iter(config.CPU_BF16_PROBES)), lambda: True, raising=False)  # as a bf16 CPU
+    monkeypatch.setattr(torch.cpu, next(iter(hardware.CPU_BF16_PROBES)), lambda: True, raising=False)  # as a bf16 CPU
     seen = []  # (training?, dtype of each convolution's output)
     conv = torch.nn.Conv2d.forward
 
@@ -92,9 +93,9 @@ def test_amp_on_the_cpu_trains_in_bf16_and_evaluates_in_fp32(tiny_folder, tmp_pa
 
 
 FAULTS = """
-import resource, sys, torch, config
+import resource, sys, torch, hardware
 if sys.argv[1] == "keep":
-    assert config.keep_freed_memory()
+    assert hardware.keep_freed_memory()
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):

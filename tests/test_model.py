@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from basic_block import BasicBlock, ZeroPadShortcut
-from resnet import MODEL_NAMES, ResNet18, build_model, count_parameters, load_model
+from resnet import MODEL_NAMES, ResNet18, build_model, count_parameters
+from runs import load_model
 
 EXPECTED_PARAMS = {
     "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import config
+import hardware
 import runs
 import train
 from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
-from resnet import load_model
+from runs import load_model
 from runs import CheckpointError
 
 
@@ -66,7 +67,7 @@ def test_bad_flag_exits_2_with_one_line(tiny_folder, tmp_path, capsys, extra, me
 
 @pytest.mark.parametrize("probes", ["false", "missing"])
 def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, monkeypatch, probes):
-    for probe in config.CPU_BF16_PROBES:  # private: a future torch may lack them
+    for probe in hardware.CPU_BF16_PROBES:  # private: a future torch may lack them
         if probes == "false":
             monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
         else:
@@ -74,7 +75,7 @@ def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, mon
     code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--amp"), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "--amp (bf16 autocast): this CPU has no bf16" in err, err
     assert not any((tmp_path / "r").iterdir())  # nothing written: the same command runs once --amp is dropped
-    assert not any(unit in runs.machine_name(torch.device("cpu")) for unit in ("BF16", "AMX"))
+    assert not any(unit in hardware.machine_name(torch.device("cpu")) for unit in ("BF16", "AMX"))
 
 
 def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):

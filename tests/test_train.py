@@ -119,7 +119,7 @@ def test_fast16_and_fast18_recipes_are_fast_with_crops_shifted_by_2(epochs):
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
     """--tta reports, beside the plain accuracy, the accuracy of logits averaged over each image and its mirror."""
     from data import Loader, load_cifar10
-    from resnet import load_model
+    from runs import load_model
 
     out = tmp_path / "r"
     train.main(tiny_args(tiny_folder, out, "--epochs", "1", "--tta"))
@@ -196,7 +196,7 @@ def test_mistakes_are_the_most_confident_wrong_predictions(tmp_path):
 def test_cifar100_trains_with_its_classes_and_statistics(tmp_path, skip_md5, capsys):
     from conftest import write_cifar100
     from data import pixel_stats
-    from resnet import load_model
+    from runs import load_model
 
     splits = write_cifar100(str(tmp_path / "c100"))
     out = tmp_path / "r"
