@@ -532,33 +532,26 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
 
 
 def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: bool = True) -> dict:
-    """The metrics of the epoch just trained: its training sums over every rank, then (when evaluate_now) the
-    test and validation evaluation of the trained model, then its seconds (training and
-    evaluation; a resumed epoch's include those before the stop) and images/s (all ranks' training images over
-    the training seconds, both timed)."""
-    sums = state.sums.reduced(world)
+    """The metrics of the epoch just trained: its training sums over every rank; when evaluate_now, the test
+    (and validation) loss and accuracy, every rank with rank 0's BN statistics (those last.pt saves); then its
+    seconds (training and evaluation; a resumed epoch's include those before the stop) and images/s (all
+    ranks' training images over the training seconds, both timed)."""
+    sums, model, classes = state.sums.reduced(world), state.model, len(state.classes)
     n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
     if state.warmup is not None and state.warmup.end is not None:  # --warmup until-error: when and why it ended
         row.update(warmup_end_step=state.warmup.end, warmup_end_error=state.warmup.error)
     if evaluate_now:
-        row.update(evaluated(state, loaders, world))
+        broadcast_buffers(model, world)
+        test = evaluate(model, loaders.test, classes, world, state.cfg.tta)
+        row.update(test_loss=test["loss"], test_acc=test["acc"])
+        if state.cfg.tta:
+            row["test_acc_tta"] = test["acc_tta"]
+        if loaders.val is not None:
+            val = evaluate(model, loaders.val, classes, world)
+            row.update(val_loss=val["loss"], val_acc=val["acc"])
     row.update(epoch_time_s=round(state.sums.seconds(), 3), images_per_s=round((n - untimed) / train_seconds, 1))
-    return row
-
-
-def evaluated(state: TrainState, loaders: Loaders, world: int) -> dict:
-    """Test (and validation) loss and accuracy of the trained model, for the epoch's row."""
-    model = state.model
-    broadcast_buffers(model, world)  # every rank evaluates with rank 0's BN statistics (last.pt's)
-    test = evaluate(model, loaders.test, len(state.classes), world, state.cfg.tta)
-    row = {"test_loss": test["loss"], "test_acc": test["acc"]}
-    if state.cfg.tta:
-        row["test_acc_tta"] = test["acc_tta"]
-    if loaders.val is not None:
-        val = evaluate(model, loaders.val, len(state.classes), world)
-        row.update(val_loss=val["loss"], val_acc=val["acc"])
     return row
 
 
