@@ -286,7 +286,7 @@ def get_args_parser() -> Parser:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side, each with its share of the CPU cores (1: one after another, all cores "
                         "each). Default: 2 on CPU (whole runs measured 8-10%% sooner than 1 on a 2-core CPU; "
-                        "README), 1 on CUDA")
+                        "docs/ablation.md), 1 on CUDA")
     p.add_argument("--report", action="store_true", help="train nothing: tables and figures of the finished runs")
     p.add_argument("--response-images", type=int, default=1000, help="test images for the Figure 7 responses")
     p.add_argument("--responses", nargs="+", metavar="CHECKPOINT", default=None,

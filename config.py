@@ -16,7 +16,7 @@ from resnet import MODEL_NAMES, is_plain
 
 # The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at
 # 64k, on a 45k/5k split. 45,000 // 128 = 351 steps per epoch: 32k, 48k, 64k = 91.2, 136.8, 182.3 epochs.
-# Time to accuracy (README, "Speed"): fewer epochs, a higher peak, a linear decay to zero, not steps.
+# Time to accuracy (docs/speed.md): fewer epochs, a higher peak, a linear decay to zero, not steps.
 FAST = dict(epochs=20, schedule="linear", lr=0.2, warmup_epochs=2.0)
 RECIPES = {
     "default": {},
@@ -24,10 +24,10 @@ RECIPES = {
                   weight_decay=1e-4, label_smoothing=0.0, warmup_epochs=0.0, val_split=5000),
     "fast": FAST,
     # fast in 16 epochs with crops shifted by at most 2 pixels, not 4: the classic loop's 30-epoch accuracy on three
-    # seeds in about a third of its time on a 2-core CPU (README, "Speed"; results/time-to-accuracy/README.md)
+    # seeds in about a third of its time on a 2-core AVX2 CPU (docs/speed.md)
     "fast16": FAST | dict(epochs=16, crop_padding=2),
     # the same in 18 epochs, for --amp where bf16 is fast (a GPU, or a CPU with AMX): the classic loop's accuracy on
-    # two seeds in under a fifth of its time on a 2-core AMX Xeon (results/time-to-accuracy/README.md, session 19)
+    # two seeds in under a fifth of its time on a 2-core AMX Xeon, 2026-12-03 (docs/speed.md)
     "fast18": FAST | dict(epochs=18, crop_padding=2),
 }
 
@@ -48,7 +48,7 @@ _rundir, _process = _section("run directory"), _section("hardware and process", 
 
 
 IMAGE_SIDE = 32  # CIFAR's images
-# Training levers measured and not kept (README, Speed): gone from the flags; a run made with one is refused on
+# Training levers measured and not kept (docs/speed.md): gone from the flags; a run made with one is refused on
 # --resume (its weights still evaluate). Their defaults; the git tag names the last commit that has them.
 RETIRED_LEVERS = {"whiten_init": False, "ema": 0.0, "flip": "random", "crop_sizes": None, "resize_to": None,
                   "clean_epochs": 0}

@@ -71,7 +71,7 @@ def channels_last_fault(model: torch.nn.Module, device: torch.device) -> str | N
 def keep_freed_memory() -> bool:
     """Stop glibc's malloc from giving freed tensors back to the OS. By default every large activation is
     unmapped when freed and page-faulted back in, zeroed by the kernel, at the next step: 3-10% of a CPU run's
-    time went to that in the kernel on a 2-core EPYC (results/time-to-accuracy/README.md, session 16). The
+    time went to that in the kernel on a 2-core EPYC, 2026-12-03 (docs/speed.md, the lever table). The
     price: freed blocks stay with the process (a peak of 1.61 GB resident against 1.39 GB there).
     Process-wide; True where it applied (Linux with glibc), False elsewhere, where there is nothing to do."""
     if not sys.platform.startswith("linux"):

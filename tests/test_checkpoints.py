@@ -19,7 +19,7 @@ from resnet import build_model
 from runs import load_model
 from runs import PORT_NORMALIZATION
 
-PEER_WEIGHTS = os.path.join(ROOT, "..", "shared", "reference", "peer-weights")
+PEER_WEIGHTS = os.environ.get("PEER_WEIGHTS_DIR", os.path.join(ROOT, "..", "shared", "reference", "peer-weights"))
 
 
 # ---- an independent copy of how that port builds its nets (its resnet.py, read, not imported)
@@ -142,7 +142,7 @@ def test_our_checkpoints_record_normalisation_and_old_ones_default_to_cifar10(ti
 
 @pytest.mark.parametrize("name, accuracy", [("resnet20-12fca82f.th", 0.8103), ("resnet56-4bfd9763.th", 0.8320)])
 def test_published_port_nets_on_the_jpeg_copy(real_cifar, name, accuracy):
-    """Their own code measures 81.03% and 83.20% on the shared JPEG test set (peer-weights/README.md)."""
+    """Their own code measures 81.03% and 83.20% on the JPEG test set (docs/data.md)."""
     path = os.path.join(PEER_WEIGHTS, name)
     if not os.path.exists(path):
         if os.environ.get("CI", "").lower() == "true":
