@@ -1,4 +1,5 @@
-"""README.md and docs/: every relative link and image points at a file of the repository (and a heading there)."""
+"""README.md, docs/ and the notes beside results: every relative link and image points at a file of the repository
+(and at a heading there)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
-                         if f.endswith(".md")]
+PAGES = sorted(os.path.relpath(os.path.join(d, f), ROOT) for top in ("docs", "results", "benchmarks", "weights")
+               for d, _, names in os.walk(os.path.join(ROOT, top)) for f in names if f.endswith(".md")) + ["README.md"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 
 
