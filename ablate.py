@@ -32,7 +32,7 @@ from basic_block import BasicBlock
 from config import Parser, UserError, parse_config, run_script
 from data import DataError, load_cifar
 from hardware import compile_unavailable
-from resnet import count_parameters, is_plain, model_depth
+from resnet import build_model, count_parameters, is_plain, model_depth
 from runs import (CheckpointError, finished, load_model, model_from_checkpoint, progress, read_checkpoint,
                   read_metrics)
 
@@ -159,6 +159,16 @@ def run_parallel(cells: list[tuple[str, int]], jobs: int, out: str, recipe: list
     return failed
 
 
+def run_parameters(run: str) -> int:
+    """The parameters of a run's net: from its checkpoint, or, once that is gone, from its config.json."""
+    if os.path.exists(os.path.join(run, "last.pt")):
+        return count_parameters(load_model(os.path.join(run, "last.pt")))
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)["config"]
+    classes = 100 if cfg.get("dataset") == "cifar100" else 10
+    return count_parameters(build_model(cfg["arch"], num_classes=classes, width=cfg["width"]))
+
+
 def summarize(out: str, archs: list[str], seeds: list[int]) -> list[dict]:
     rows = []
     for arch in archs:
@@ -168,8 +178,8 @@ def summarize(out: str, archs: list[str], seeds: list[int]) -> list[dict]:
         wall = [sum(x["epoch_time_s"] for x in r) for r in runs]
         sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         depth = model_depth(arch)
-        rows.append({"arch": arch, "depth": depth, "params": count_parameters(load_model(
-            os.path.join(run_dir(out, arch, seeds[0]), "last.pt"))), "seeds": len(seeds), "epochs": len(runs[0]),
+        rows.append({"arch": arch, "depth": depth, "params": run_parameters(run_dir(out, arch, seeds[0])),
+            "seeds": len(seeds), "epochs": len(runs[0]),
             "train_err": statistics.mean(train_err), "train_err_std": sd(train_err),
             "test_err": statistics.mean(test_err), "test_err_std": sd(test_err),
             "wall_min": statistics.mean(wall) / 60,
@@ -220,43 +230,61 @@ def plot_errors(out: str, archs: list[str], seeds: list[int]) -> str:
     return path
 
 
-def plot_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor, path: str,
-                   not_drawn: tuple[str, ...] = ()) -> str:
-    """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom).
+def measure_responses(nets: list[tuple[str, nn.Module]], images: torch.Tensor) -> list[dict]:
+    """Figure 7's data: for each (label, model), the std of every 3x3 layer's response on `images` under the
+    model's own normalisation (model.normalize), and whether the net is plain."""
+    return [{"net": label, "plain": next(m for m in model.modules() if isinstance(m, BasicBlock)).is_plain,
+             "stds": layer_responses(model, model.normalize(images))} for label, model in nets]
 
-    nets: (label, model) pairs; each model sees the test images under its own normalisation (model.normalize).
-    Colour by depth; plain nets dashed, residual solid. Beside the figure, <path>.csv: each net's median and mean
-    std over its layers, for every net, also those in not_drawn (measured, left out of the figure: a net that
-    never trained can have responses 100x the others', which would flatten every other curve).
-    """
+
+def read_responses(path: str) -> dict[str, dict]:
+    """measure_responses' data as plot_responses saved it (<figure>-layers.csv), by net; {} when absent."""
+    if not os.path.exists(path):
+        return {}
+    nets: dict[str, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            net = nets.setdefault(row["net"], {"net": row["net"], "plain": row["plain"] == "True", "stds": []})
+            net["stds"].append(float(row["std"]))
+    return nets
+
+
+def plot_responses(measured: list[dict], images: int, path: str, not_drawn: tuple[str, ...] = ()) -> str:
+    """Figure 7: std of layer responses by layer index (top) and sorted by magnitude (bottom), from
+    measure_responses' data on `images` test images. Colour by depth; plain nets dashed, residual solid. Beside
+    the figure, <path>.csv: each net's median and mean std over its layers, and <path>-layers.csv: every layer's
+    std (what --report draws a net from once its checkpoint is gone); both for every net, also those in
+    not_drawn (measured, left out of the figure: a net that never trained can have responses 100x the others',
+    which would flatten every other curve)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1)
-    blocks = [[m for m in model.modules() if isinstance(m, BasicBlock)] for _, model in nets]
-    depths = sorted({len(b) for b in blocks})
-    summary = []
-    for (label, model), bl in zip(nets, blocks):
-        stds = layer_responses(model, model.normalize(images))
-        summary.append({"net": label, "layers": len(stds), "median_std": round(statistics.median(stds), 4),
-                        "mean_std": round(statistics.fmean(stds), 4)})
-        if label in not_drawn:
+    depths = sorted({len(m["stds"]) for m in measured})
+    for m in measured:
+        if m["net"] in not_drawn:
             continue
-        c, style = f"C{depths.index(len(bl)) % 10}", "--" if bl[0].is_plain else "-"
-        top.plot(range(1, len(stds) + 1), stds, style, color=c, label=label)
-        bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=label)
+        stds, c, style = m["stds"], f"C{depths.index(len(m['stds'])) % 10}", "--" if m["plain"] else "-"
+        top.plot(range(1, len(stds) + 1), stds, style, color=c, label=m["net"])
+        bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), style, color=c, label=m["net"])
     left_out = f"\nnot drawn, its training at chance (in responses.csv): {', '.join(not_drawn)}" if not_drawn else ""
-    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {len(images)} test images{left_out}",
+    top.set(title=f"std of 3x3 layer responses (after BN, before ReLU/addition), {images} test images{left_out}",
             xlabel="layer index (original order)", ylabel="std")
     bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=120)
-    with open(os.path.splitext(path)[0] + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    stem = os.path.splitext(path)[0]
+    summary = [{"net": m["net"], "layers": len(m["stds"]), "median_std": round(statistics.median(m["stds"]), 4),
+                "mean_std": round(statistics.fmean(m["stds"]), 4)} for m in measured]
+    layers = [{"net": m["net"], "plain": m["plain"], "layer": i, "std": std} for m in measured
+              for i, std in enumerate(m["stds"], 1)]
+    for file, rows in ((stem + ".csv", summary), (stem + "-layers.csv", layers)):
+        with open(file, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return path
 
 
@@ -344,12 +372,19 @@ def report(out: str, archs: list[str], seeds: list[int], data_dir: str, dataset:
     rows = summarize(out, done, seeds)
     write_tables(rows, out)
     plot_errors(out, done, seeds)
-    nets = [(a, load_model(os.path.join(run_dir(out, a, seeds[0]), "last.pt"))) for a in done]
-    data = load_cifar(data_dir, dataset)
-    chance = 100 * (1 - 1.5 / len(data.classes))  # final training error this high: the net learned nothing
+    saved = read_responses(os.path.join(out, "responses-layers.csv"))  # nets whose checkpoints are gone
+    kept = [a for a in done if os.path.exists(os.path.join(run_dir(out, a, seeds[0]), "last.pt")) or a not in saved]
+    classes = 100 if dataset == "cifar100" else 10
+    measured = {a: saved[a] for a in done if a not in kept}
+    if kept:
+        data = load_cifar(data_dir, dataset)
+        classes = len(data.classes)
+        nets = [(a, load_model(os.path.join(run_dir(out, a, seeds[0]), "last.pt"))) for a in kept]
+        measured |= {m["net"]: m for m in measure_responses(nets, data.test_x[:images])}
+    chance = 100 * (1 - 1.5 / classes)  # final training error this high: the net learned nothing
     at_chance = tuple(r["arch"] for r in rows if r["train_err"] >= chance)
     at_chance = at_chance if len(at_chance) < len(rows) else ()  # none trained (a smoke run): draw them all
-    plot_responses(nets, data.test_x[:images], os.path.join(out, "responses.png"), at_chance)
+    plot_responses([measured[a] for a in done], images, os.path.join(out, "responses.png"), at_chance)
     with open(os.path.join(out, "ablation.md")) as f:
         print(f.read())
     if missing:
@@ -365,7 +400,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                "device"), recipe)
         nets = [labelled_model(c) for c in args.responses]
         os.makedirs(args.out or ".", exist_ok=True)
-        path = plot_responses(nets, load_cifar(args.data_dir, args.dataset).test_x[:args.response_images],
+        images = load_cifar(args.data_dir, args.dataset).test_x[:args.response_images]
+        path = plot_responses(measure_responses(nets, images), len(images),
                               os.path.join(args.out or ".", "responses-checkpoints.png"))
         print(f"[ablate] Figure 7 for {len(nets)} checkpoint(s): {path}")
         return []

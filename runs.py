@@ -154,10 +154,16 @@ def export_weights(run_path: str, out: str) -> dict:
 
 def progress(path: str) -> tuple[int, int] | None:
     """(epochs done, epochs planned) of the train.py run at path (a run directory or its last.pt); None when
-    it has no checkpoint yet."""
+    it has not saved anything yet. A run directory kept without its checkpoint (a finished run as results/
+    keeps it) answers from its config.json and metrics.jsonl."""
+    run = path if os.path.isdir(path) else os.path.dirname(path)
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.exists(path):
-        return None
+        files = [os.path.join(run, name) for name in ("config.json", "metrics.jsonl")]
+        if not all(os.path.exists(f) for f in files):
+            return None
+        with open(files[0]) as f:
+            return len(read_metrics(run)), json.load(f)["config"]["epochs"]
     ckpt = read_checkpoint(path)
     if "config" not in ckpt:
         raise CheckpointError(f"{path} holds trained weights, not a train.py run")

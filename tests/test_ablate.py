@@ -187,10 +187,29 @@ def test_responses_leave_out_the_nets_named_but_measure_them(tmp_path, monkeypat
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
     nets = [(n, build_model(n, width=4).eval()) for n in ("resnet20", "plain20")]
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    ablate.plot_responses(nets, images, str(tmp_path / "r.png"), not_drawn=("plain20",))
+    ablate.plot_responses(ablate.measure_responses(nets, images), 8, str(tmp_path / "r.png"), not_drawn=("plain20",))
     top, bottom = figures[0].axes
     assert [line.get_label() for line in top.get_lines()] == ["resnet20"] == \
         [line.get_label() for line in bottom.get_lines()]
     assert "not drawn, its training at chance (in responses.csv): plain20" in top.get_title()
     with open(tmp_path / "r.csv") as f:
         assert [row["net"] for row in csv.DictReader(f)] == ["resnet20", "plain20"]
+
+
+def test_a_finished_grid_reports_without_its_checkpoints(tiny_folder, tmp_path, capsys):
+    """results/ keeps a finished grid's logs, configs and measured responses, not its checkpoints: --report gives
+    the same tables and Figure 7 from them, and the training command skips the runs instead of starting over."""
+    out = tmp_path / "abl"
+    args = ["--data-dir", tiny_folder, "--out", str(out), "--archs", "resnet20", "plain20", "--epochs", "1",
+            "--subset", "150", "--batch-size", "32", "--width", "4", "--response-images", "40", "--jobs", "1"]
+    with_checkpoints = ablate.main(args)
+    layers = (out / "responses-layers.csv").read_text()
+    for arch in ("resnet20", "plain20"):
+        (out / arch / "seed0" / "last.pt").unlink()
+    capsys.readouterr()
+    assert ablate.main(args) == with_checkpoints  # trained nothing again: both runs finished
+    assert "done, skipped" in capsys.readouterr().out and not (out / "resnet20" / "seed0" / "last.pt").exists()
+    assert ablate.main(args[:-2] + ["--report", "--data-dir", str(tmp_path / "no-data")]) == with_checkpoints
+    assert (out / "responses-layers.csv").read_text() == layers  # drawn from the measured data, no data needed
+    assert len(layers.splitlines()) == 1 + 2 * 19 and [r["params"] for r in with_checkpoints] == [
+        ablate.count_parameters(build_model(a, width=4)) for a in ("plain20", "resnet20")]
