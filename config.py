@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hardware import bf16_unavailable, compile_unavailable
+from hardware import bf16_unavailable, compile_unavailable, cuda_index
 from resnet import MODEL_NAMES, is_plain
 
 # The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at
@@ -296,7 +296,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-        return torch.device("cuda", local_rank)
+        try:
+            return torch.device("cuda", cuda_index(local_rank))
+        except ValueError as e:
+            raise UserError(f"--device cuda: {e}") from None
     return torch.device("cpu")
 
 

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import pickle
+import socket
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -198,7 +199,7 @@ def load_cifar(data_dir: str, dataset: str = "cifar10", download: bool = True, u
         raise
     if use_cache:
         try:  # the signature of what was read (a download has just written its files)
-            tmp = f"{cache}.tmp{os.getpid()}"
+            tmp = f"{cache}.tmp.{socket.gethostname()}.{os.getpid()}"  # unique on a filesystem nodes share
             torch.save({"signature": sig or _signature(data_dir, top), "classes": data.classes,
                         "train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
                         "test_y": data.test_y, "mean": list(data.mean), "std": list(data.std)}, tmp)

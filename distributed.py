@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hardware import cuda_index
+
 
 class SetupError(Exception):
     """A setup step failed on some rank; every rank raises it with that rank's one-line message."""
@@ -28,7 +30,10 @@ def setup(device_flag: str) -> tuple[int, int, int]:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device_flag != "cpu" and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local)
+        try:
+            torch.cuda.set_device(cuda_index(local))
+        except ValueError as e:  # before the process group: every rank sees the same, and says it
+            raise SystemExit(f"train.py: error: {e}") from None
     dist.init_process_group(backend, timeout=timedelta(minutes=10))
     return rank, world, local
 
@@ -85,10 +90,17 @@ def shared_signal(signum: int | None, device: torch.device, world: int) -> int |
 
 
 def broadcast_buffers(model: nn.Module, world: int) -> None:
-    """Give every rank rank 0's BN running statistics (the ones last.pt saves) before evaluating."""
-    if world > 1:
-        for b in model.buffers():
-            dist.broadcast(b, 0)
+    """Give every rank rank 0's BN running statistics (the ones last.pt saves) before evaluating: one
+    broadcast per dtype (the statistics, the batch counts), not one per buffer."""
+    if world == 1:
+        return
+    buffers = list(model.buffers())
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, 0)
+        for b, part in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(part.view_as(b))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -4,6 +4,7 @@ Imports only torch: every module above may ask it."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -26,14 +27,25 @@ def bf16_unavailable(device: torch.device) -> str | None:
     none, but it needs bf16 arithmetic in hardware: compute capability 8.0 on CUDA (A100, H100, RTX 30xx+); on
     the CPU, AVX512-BF16 or AMX (Intel Xeon since Cooper Lake and Sapphire Rapids, AMD Zen 4 and later), without
     which PyTorch emulates it, slower than fp32."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+    if device.type == "cuda":  # not torch.cuda.is_bf16_supported(): by default it also says yes where it emulates
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
             return None
-        return (f"{torch.cuda.get_device_name(device)} lacks bf16 (compute capability 8.0 or newer: A100, H100, "
-                "RTX 30xx+)")
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 arithmetic "
+                "and would emulate it, slowly: it needs 8.0 or newer (A100, H100, RTX 30xx+)")
     if cpu_bf16_units():
         return None
     return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32"
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU a process of this node drives: its local rank, where it sees every GPU of the node; 0, where it
+    sees one (a launcher that sets CUDA_VISIBLE_DEVICES per process). ValueError when it sees several, but
+    fewer than its local rank needs."""
+    count = torch.cuda.device_count()
+    if local_rank < count or count == 1:
+        return local_rank if local_rank < count else 0
+    raise ValueError(f"local rank {local_rank} needs GPU {local_rank}, but this process sees {count} GPUs")
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -108,3 +120,16 @@ def machine_name(device: torch.device) -> str:
         pass
     units = [torch.backends.cpu.get_cpu_capability(), *cpu_bf16_units()]  # e.g. AVX512, AMX: what --amp runs on
     return f"cpu: {model} ({os.cpu_count()} cores, {', '.join(units)})"
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """Inside, fp32 convolutions and matmuls compute in fp32, not TF32: cuDNN runs fp32 convolutions on TF32
+    tensor cores by default on CUDA (10 mantissa bits). Both settings come back afterwards. The CPU's kernels
+    have no TF32: there it changes nothing."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -30,12 +30,13 @@ import distributed
 from config import Config, UserError, explicit_flags, parse_config, resolve_device, run_script, validate_runtime
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
-from hardware import channels_last_fault, configure_backends
+from hardware import channels_last_fault, configure_backends, strict_fp32
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
 from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint,
                   read_checkpoint, read_metrics, run_info, save_atomic, start_files, to_cpu)
 
+SMALL_LOCAL_BATCH = 32  # fewer images per process than this under torchrun: a note (BatchNorm over few images)
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
 
 
@@ -256,9 +257,10 @@ class StepPolicy:
 def evaluate(model: nn.Module, loader: Loader, num_classes: int, world: int = 1, tta: bool = False) -> dict:
     """Loss, accuracy and per-class accuracy; under DDP each rank counts its images and the sums are reduced.
 
-    Always fp32 (also after --amp training), so the logged accuracy is what --eval-only of the checkpoint
-    gives. No host sync until the end: one-hot sums, deterministic too (bincount and boolean masks would sync
-    on CUDA). tta=True adds "acc_tta": accuracy of the logits averaged over each image and its mirror image.
+    Always fp32 (also after --amp training; TF32 off on CUDA), so the logged accuracy is what --eval-only of
+    the checkpoint gives. No host sync until the end: one-hot sums, deterministic too (bincount and boolean
+    masks would sync on CUDA). tta=True adds "acc_tta": accuracy of the logits averaged over each image and its
+    mirror image.
     """
     model.eval()
     dev = loader.device
@@ -266,15 +268,16 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, world: int = 1,
     correct = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     correct_tta = torch.zeros((), device=dev, dtype=torch.float64)
-    for x, y in loader.batches():  # x: (B, 3, H, W)
-        logits = model(x).float()  # (B, num_classes)
-        if tta:
-            both = logits + model(x.flip(3)).float()  # flip the width axis
-            correct_tta += (both.argmax(1) == y).sum()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-        onehot = nn.functional.one_hot(y, num_classes).to(total.dtype)  # (B, num_classes)
-        total += onehot.sum(0)
-        correct += (onehot * (logits.argmax(1) == y).unsqueeze(1)).sum(0)
+    with strict_fp32():  # on CUDA, cuDNN would run the convolutions in TF32
+        for x, y in loader.batches():  # x: (B, 3, H, W)
+            logits = model(x).float()  # (B, num_classes)
+            if tta:
+                both = logits + model(x.flip(3)).float()  # flip the width axis
+                correct_tta += (both.argmax(1) == y).sum()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            onehot = nn.functional.one_hot(y, num_classes).to(total.dtype)  # (B, num_classes)
+            total += onehot.sum(0)
+            correct += (onehot * (logits.argmax(1) == y).unsqueeze(1)).sum(0)
     stats = torch.cat([loss_sum.view(1), correct_tta.view(1), correct, total])
     if world > 1:
         dist.all_reduce(stats)
@@ -409,8 +412,7 @@ def make_loaders(cfg: Config, data: Cifar, device: torch.device, rank: int, worl
                    test=Loader(data.test_x, data.test_y, EVAL_BATCH, train=False, **kw), val=val)
 
 
-def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int, local_rank: int) \
-        -> nn.Module:
+def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world: int) -> nn.Module:
     """The module the steps run: sync-BN (in place: `model` shares every parameter and buffer), DDP, compile.
     """
     if cfg.sync_bn:
@@ -418,12 +420,14 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # With sync-BN every rank already holds the same statistics: no buffer broadcast at each forward. The
-        # argument's name since torch 2.13 (the old one still works there, with a FutureWarning)
+        # No buffer broadcast at each forward: BN's running statistics are used only to evaluate, and every rank
+        # takes rank 0's before that (broadcast_buffers), so a collective per step would buy nothing. The
+        # argument's name since torch 2.13 (the old one still works there, with a FutureWarning). Gradients
+        # live in DDP's buckets: no copy into them at every step.
         renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        **{sync: not cfg.sync_bn})
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True, **{sync: False})
     return torch.compile(model) if cfg.compile else model
 
 
@@ -465,6 +469,10 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
         return eval_only(cfg, device, explicit)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
     validate_runtime(cfg, device, world)
+    if rank == 0 and world > 1 and cfg.batch_size // world < SMALL_LOCAL_BATCH:
+        print(f"train.py: note: --batch-size {cfg.batch_size} over {world} processes is {cfg.batch_size // world} "
+              f"images each, and BatchNorm normalises over each process's own (--sync-bn: over all of them; a "
+              "larger --batch-size with its --lr: more each)", file=sys.stderr)
     avoid_cpu_1x1_fault(cfg, device, explicit, rank)
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
@@ -475,7 +483,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     state = new_state(cfg, data, loaders.train, device)
     if ckpt is not None:
         restore(state, ckpt, cfg.resume_path(), rank)
-    train_model = wrap_for_training(state.model, cfg, device, world, local_rank)
+    train_model = wrap_for_training(state.model, cfg, device, world)
     if rank == 0:
         start_files(cfg.out, run_info(cfg, device, world), ckpt, state.epoch)
 
@@ -587,12 +595,16 @@ def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
     configure_backends(device, cfg.deterministic)
     ckpt = read_checkpoint(cfg.resume_path())
     model = model_from_checkpoint(ckpt, cfg.resume_path()).to(device)
+    # the memory format the run evaluated in (kernels differ by an image or two between formats)
+    channels_last = ckpt.get("config", {}).get("channels_last", False) and not channels_last_fault(model, device)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     trained_on = ckpt.get("config", {}).get("dataset", "cifar10")
     data = load_cifar(cfg.data_dir, cfg.dataset if "dataset" in explicit else trained_on)
     if len(data.classes) != len(model.classes):
         raise UserError(f"{cfg.resume_path()} classifies {len(model.classes)} classes; {cfg.data_dir} holds "
                         f"{len(data.classes)} (another --dataset?)")
-    loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, **model.normalization)
+    loader = Loader(data.test_x, data.test_y, EVAL_BATCH, device, train=False, channels_last=channels_last,
+                    **model.normalization)
     res = evaluate(model, loader, len(data.classes), tta=cfg.tta)
     tta = f", with flip TTA {100 * res['acc_tta']:.2f}%" if cfg.tta else ""
     origin = f"checkpoint epoch {ckpt['epoch']}" if ckpt.get("epoch") is not None else ckpt.get("source", "")

@@ -190,3 +190,17 @@ def test_cifar100_reader_on_torchvisions_format(tmp_path, skip_md5):
     assert again.mean == d.mean and again.classes == d.classes
     with pytest.raises(data.DataError, match="neither cifar-10-batches-py/"):
         data.load_cifar(str(tmp_path), "cifar10", download=False)
+
+
+def test_the_cache_is_written_under_a_name_no_other_host_or_process_uses(tmp_path, monkeypatch):
+    """Two nodes sharing the data directory over a network filesystem may both write the cache at once: each
+    writes its own temporary file (host and pid in its name), then renames it into place."""
+    import socket
+
+    write_image_folder(str(tmp_path), n_train=20, n_test=10)
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((a, b)), real(a, b)))
+    load_cifar10(str(tmp_path), download=False)
+    [(tmp, cache)] = renamed
+    assert tmp == f"{cache}.tmp.{socket.gethostname()}.{os.getpid()}" and os.path.exists(cache)

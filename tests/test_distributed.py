@@ -49,6 +49,8 @@ def test_two_processes_decode_once_and_evaluate_what_they_save(tmp_path):
     assert log.read_text().split() == ["0"]  # rank 1 read the cache rank 0 wrote
     assert r.stdout.count("final test accuracy") == 1  # only rank 0 prints
     assert "Warning" not in r.stderr, r.stderr[-3000:]  # e.g. DDP's FutureWarning for an argument's old name
+    note = "train.py: note: --batch-size 32 over 2 processes is 16 images each, and BatchNorm normalises over"
+    assert r.stderr.count(note) == 1, r.stderr[-3000:]  # rank 0 says it once
     rows = metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2]
     assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == ["last.pt"]

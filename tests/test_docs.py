@@ -45,6 +45,7 @@ def test_every_relative_link_resolves(page):
 
 def test_the_check_finds_a_broken_link(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "a.md").write_text("# Top\n[ok](a.md#top) [gone](missing.png) [bad anchor](#nowhere) [web](https://x.org)\n")
+    (tmp_path / "a.md").write_text("# Top\n[ok](a.md#top) [gone](missing.png) [bad anchor](#nowhere) "
+                                   "[web](https://x.org)\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path))
     assert broken_links("a.md") == ["missing.png", "#nowhere"]

@@ -134,7 +134,8 @@ def test_a_run_with_a_retired_lever_evaluates_its_weights_and_refuses_to_resume(
     assert torch.equal(export_weights(str(run), str(tmp_path / "w.pt"))["model"]["fc.weight"], ckpt["ema"]["fc.weight"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        train.main(["--resume", str(run), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu", "--epochs", "3"])
+        train.main(["--resume", str(run), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu",
+                    "--epochs", "3"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert "--ema 0.9, --crop-sizes [24]" in err and config.RETIRED_LEVERS_TAG in err and "--eval-only" in err

@@ -52,7 +52,7 @@ BAD_FLAGS = [
     (["--eval-every", "0"], "--eval-every must be positive"),
     (["--recipe", "fast16", "--epochs", "1"], "got 2.0 (--recipe fast16 sets 2.0: give --warmup-epochs for --epochs 1)"),
     (["--recipe", "fast"], "below --epochs (--recipe fast sets 2.0: give --warmup-epochs for --epochs 2)"),
-    (["--warmup-error", "0.5"], "--warmup-error is the threshold of --warmup until-error; this run's warm-up is linear"),
+    (["--warmup-error", "0.5"], "--warmup-error is the threshold of --warmup until-error; this run's warm-up is"),
     (["--warmup", "until-error", "--warmup-error", "1"], "--warmup-error must be in (0, 1), got 1.0"),
     (["--warmup", "until-error", "--recipe", "paper"],
      "--warmup until-error ends at --warmup-epochs at the latest; give it a positive value (--recipe paper sets 0.0"),
@@ -76,6 +76,20 @@ def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, mon
     assert code == 2 and len(err.splitlines()) == 1 and "--amp (bf16 autocast): this CPU has no bf16" in err, err
     assert not any((tmp_path / "r").iterdir())  # nothing written: the same command runs once --amp is dropped
     assert not any(unit in hardware.machine_name(torch.device("cpu")) for unit in ("BF16", "AMX"))
+
+
+@pytest.mark.parametrize("capability, name, refused", [((7, 0), "Tesla V100", True), ((7, 5), "Tesla T4", True),
+                                                       ((8, 0), "A100", False), ((9, 0), "H100", False)])
+def test_amp_on_cuda_needs_bf16_in_hardware_not_emulated(monkeypatch, capability, name, refused):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 too (it counts emulation): the check reads the
+    compute capability instead."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    why = hardware.bf16_unavailable(torch.device("cuda", 0))
+    assert (why is not None) == refused
+    if refused:
+        assert f"{name} (compute capability {capability[0]}.{capability[1]}) has no bf16 arithmetic" in why
 
 
 def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):
@@ -329,3 +343,17 @@ def test_checkpoint_state_is_moved_to_the_cpu_whole():
     assert moved["param_groups"] == state["param_groups"] and isinstance(moved["pair"], tuple)
     assert torch.equal(moved["state"][0]["momentum_buffer"], torch.ones(2)) and moved["pair"][1] == 5
     assert all(t.device.type == "cpu" for t in (moved["state"][0]["momentum_buffer"], moved["pair"][0]))
+
+
+@pytest.mark.parametrize("visible, local_rank, index", [(8, 3, 3), (1, 3, 0), (2, 3, None), (4, 0, 0)])
+def test_each_process_drives_a_gpu_it_can_see(monkeypatch, visible, local_rank, index):
+    """Local rank r drives GPU r where the process sees the node's GPUs, GPU 0 where a launcher shows each
+    process only its own (CUDA_VISIBLE_DEVICES per process), and a one-line error otherwise."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if index is None:
+        with pytest.raises(config.UserError, match=f"local rank 3 needs GPU 3, but this process sees {visible} GPUs"):
+            config.resolve_device("cuda", local_rank)
+    else:
+        assert hardware.cuda_index(local_rank) == index
+        assert config.resolve_device("cuda", local_rank) == torch.device("cuda", index)

@@ -310,3 +310,25 @@ def test_error_keyed_warmup_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     assert untimed(metrics(broken)) == untimed(metrics(tmp_path / "straight"))
     assert_same_weights(weights(broken), weights(tmp_path / "straight"))
     assert torch.load(broken / "last.pt", weights_only=True)["warmup"]["end"] in (6, 11)
+
+
+def test_evaluation_is_strict_fp32_in_the_runs_memory_format(tiny_folder, tmp_path, monkeypatch):
+    """--eval-only evaluates in the memory format the run evaluated in (channels_last by default, NCHW for a run
+    trained without it), and every evaluation runs with TF32 off (cuDNN's convolutions would use it on CUDA);
+    the caller's TF32 settings come back after."""
+    from resnet import ResNet
+
+    seen = []  # (channels_last input?, cuDNN TF32 allowed?) of each evaluation forward
+    forward = ResNet.forward
+    monkeypatch.setattr(ResNet, "forward", lambda self, x: (
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), torch.backends.cudnn.allow_tf32))
+        if not self.training else None, forward(self, x))[1])
+    for flag, channels_last in (("--channels-last", True), ("--no-channels-last", False)):
+        out = tmp_path / flag
+        train.main(tiny_args(tiny_folder, out, "--epochs", "1", flag))
+        seen.clear()
+        res = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cpu"])
+        assert res["test_acc"] == metrics(out)[-1]["test_acc"]
+        evaluated = seen[:len(seen) - 1]  # the last forward draws the pictures, outside evaluate
+        assert evaluated and set(evaluated) == {(channels_last, False)}, seen
+    assert torch.backends.cudnn.allow_tf32  # given back
