@@ -141,8 +141,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
             self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)  # unbiased
             self.num_batches_tracked += 1
         scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
-        shift = self.bias - mean * scale
-        return x * scale.view(1, C, 1, 1).to(x.dtype) + shift.view(1, C, 1, 1).to(x.dtype)
+        # in fp32, rounded once at the end, as cuDNN's BatchNorm: under --amp, x*scale + shift in bf16 would round
+        # twice and cancel against shift = -mean*scale where a channel's mean is large against its spread
+        y = (xf - mean.view(1, C, 1, 1)) * scale.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
+        return y.to(x.dtype)
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -1,5 +1,6 @@
 """torchrun on CPU with 2 gloo processes: data loaded once per node, setup errors on every rank, a signal to one
-rank, BN statistics that evaluation and last.pt share, and sync-BN equal to one process on the global batch."""
+rank, BN statistics that evaluation and last.pt share, sync-BN equal to one process on the global batch (and as
+accurate as BatchNorm2d under bf16), the warm-up's switch agreed by every rank."""
 
 from __future__ import annotations
 
@@ -158,3 +159,41 @@ def test_error_keyed_warmup_ends_at_the_same_step_on_every_rank(tiny_folder, tmp
     train.main(tiny_args(tiny_folder, tmp_path / "one", *[a for a in args if a != "--sync-bn"]))
     ends = [metrics(tmp_path / d)[-1]["warmup_end_step"] for d in ("ddp", "one")]
     assert ends[0] == ends[1] < 5 and ranks[0][-1] == f"6 {ends[0]}", (ends, ranks[0])  # ended by the error
+
+
+def test_sync_bn_under_bf16_is_as_accurate_as_batchnorm(monkeypatch, tmp_path):
+    """Our SyncBatchNorm on bf16 activations (what --amp feeds it), its sync path on a one-process gloo group,
+    against an fp64 reference: output and input gradient no worse than BatchNorm2d's on the same input, also
+    where a channel's mean is large against its spread (where an affine step in bf16 cancels)."""
+    import torch.distributed as dist
+
+    from distributed import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # take the sync path on one process
+        g = torch.Generator().manual_seed(0)
+        mean = torch.tensor([0.0, 3.0, 30.0, -60.0]).view(1, 4, 1, 1)
+        x64 = (torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64) + mean)
+        x64 = x64.to(torch.bfloat16).double()  # exactly representable in bf16
+        weight = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+        bias = torch.randn(4, generator=g, dtype=torch.float64)
+        upstream = torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64)
+
+        def run(bn: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                bn.weight.copy_(weight), bn.bias.copy_(bias)
+            x = x64.to(dtype).clone().requires_grad_()  # a leaf of its own
+            out = bn.train()(x)
+            (out.double() * upstream).sum().backward()
+            return out.double(), x.grad.double()
+
+        ref_out, ref_grad = run(torch.nn.BatchNorm2d(4).double(), torch.float64)
+        errors = {}
+        for name, bn in (("batchnorm", torch.nn.BatchNorm2d(4)), ("sync", SyncBatchNorm(4))):
+            out, grad = run(bn, torch.bfloat16)
+            errors[name] = ((out - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item())
+        (out_err, grad_err), (bn_out_err, bn_grad_err) = errors["sync"], errors["batchnorm"]
+        assert out_err <= 1.5 * bn_out_err and grad_err <= 1.5 * bn_grad_err, errors
+    finally:
+        dist.destroy_process_group()
