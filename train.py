@@ -79,6 +79,7 @@ class EpochSums:
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int32)
         self.started = time.time()  # when the epoch began, less the seconds it trained before a resume
         self.untimed = 0.0  # images of this epoch trained for an unknown time (all ranks': loaded on rank 0)
+        self.compile_s = 0.0  # seconds of this epoch spent compiling (--compile), kept out of its time
 
     def seconds(self) -> float:
         return time.time() - self.started
@@ -94,7 +95,7 @@ class EpochSums:
         """A new epoch: zero sums, and its clock starts now."""
         for t in (self.loss_sum, self.correct, self.count, self.nonfinite):
             t.zero_()
-        self.started, self.untimed = time.time(), 0.0
+        self.started, self.untimed, self.compile_s = time.time(), 0.0, 0.0
 
     def load(self, partial: dict) -> None:
         for name in self.NAMES:
@@ -230,11 +231,20 @@ class StepPolicy:
     def __init__(self, cfg: Config, sums: EpochSums, stop: StopSignal, save: Callable[[int, int], None],
                  world: int):
         self.cfg, self.sums, self.stop, self.save, self.world = cfg, sums, stop, save, world
+        self.compiling = cfg.compile  # until this process's first step, which compiles the model
 
     def start_epoch(self, epoch: int, start: int, steps: int, bar: tqdm) -> None:
         self.epoch, self.checked, self.steps, self.bar = epoch, start, steps, bar
+        self.began = time.time()
 
     def __call__(self, step: int) -> None:
+        if self.compiling:  # the compile and its one step: out of the epoch's seconds and images/s, logged apart
+            if self.sums.count.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.compiling, spent = False, time.time() - self.began
+            self.sums.started += spent
+            self.sums.compile_s += spent
+            self.sums.untimed += self.cfg.batch_size
         self.bar.update(1)
         sync_point = step % self.cfg.log_every == 0 or step == self.steps
         save = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
@@ -548,6 +558,8 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
     n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
     row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
+    if state.sums.compile_s:
+        row["compile_s"] = round(state.sums.compile_s, 3)
     if state.warmup is not None and state.warmup.end is not None:  # --warmup until-error: when and why it ended
         row.update(warmup_end_step=state.warmup.end, warmup_end_error=state.warmup.error)
     if evaluate_now:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -332,3 +333,26 @@ def test_evaluation_is_strict_fp32_in_the_runs_memory_format(tiny_folder, tmp_pa
         evaluated = seen[:len(seen) - 1]  # the last forward draws the pictures, outside evaluate
         assert evaluated and set(evaluated) == {(channels_last, False)}, seen
     assert torch.backends.cudnn.allow_tf32  # given back
+
+
+def test_compile_time_is_kept_out_of_the_epochs_figures(tiny_folder, tmp_path, monkeypatch):
+    """--compile compiles at the first step: that step's seconds (the compile) are logged as compile_s, not as
+    training time, and its images are left out of images/s. A stand-in compiler that takes 5 s to start."""
+    import config
+
+    class SlowStart(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.started = model, False
+
+        def forward(self, x):
+            if not self.started:
+                time.sleep(5)
+                self.started = True
+            return self.model(x)
+
+    monkeypatch.setattr(config, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: SlowStart(model))
+    train.main(tiny_args(tiny_folder, tmp_path / "r", "--compile"))
+    first, second = metrics(tmp_path / "r")
+    assert first["compile_s"] >= 5 and first["epoch_time_s"] < 5 and "compile_s" not in second
