@@ -159,14 +159,19 @@ def run_parallel(cells: list[tuple[str, int]], jobs: int, out: str, recipe: list
     return failed
 
 
+def dataset_classes(dataset: str | None) -> int:
+    """The classes of a --dataset, for a run whose checkpoint and data are not at hand."""
+    return 100 if dataset == "cifar100" else 10
+
+
 def run_parameters(run: str) -> int:
     """The parameters of a run's net: from its checkpoint, or, once that is gone, from its config.json."""
     if os.path.exists(os.path.join(run, "last.pt")):
         return count_parameters(load_model(os.path.join(run, "last.pt")))
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)["config"]
-    classes = 100 if cfg.get("dataset") == "cifar100" else 10
-    return count_parameters(build_model(cfg["arch"], num_classes=classes, width=cfg["width"]))
+    return count_parameters(build_model(cfg["arch"], num_classes=dataset_classes(cfg.get("dataset")),
+                                        width=cfg["width"]))
 
 
 def summarize(out: str, archs: list[str], seeds: list[int]) -> list[dict]:
@@ -374,7 +379,7 @@ def report(out: str, archs: list[str], seeds: list[int], data_dir: str, dataset:
     plot_errors(out, done, seeds)
     saved = read_responses(os.path.join(out, "responses-layers.csv"))  # nets whose checkpoints are gone
     kept = [a for a in done if os.path.exists(os.path.join(run_dir(out, a, seeds[0]), "last.pt")) or a not in saved]
-    classes = 100 if dataset == "cifar100" else 10
+    classes = dataset_classes(dataset)
     measured = {a: saved[a] for a in done if a not in kept}
     if kept:
         data = load_cifar(data_dir, dataset)

@@ -23,7 +23,7 @@ from torch import nn
 
 import train
 from config import Parser, UserError, run_script
-from data import DataError, Loader, load_cifar
+from data import Cifar, DataError, Loader, load_cifar
 from distributed import SyncBatchNorm
 from hardware import bf16_unavailable, compile_unavailable, machine_name
 from resnet import build_model
@@ -39,12 +39,11 @@ def gpu_tests() -> dict:
     return {"exit_code": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1]}
 
 
-def host_syncs(device: torch.device, data_dir: str) -> dict:
+def host_syncs(device: torch.device, data: Cifar) -> dict:
     """Training steps under torch.cuda.set_sync_debug_mode("error"): any operation that makes the host wait
     for the GPU raises. The first step (cuDNN's autotuning, allocations) runs before the mode is set."""
     if device.type != "cuda":
         return {"checked": False, "why": "no CUDA: host syncs are a GPU matter"}
-    data = load_cifar(data_dir)
     loader = Loader(data.train_x[:128 * 6], data.train_y[:128 * 6], 128, device, train=True, channels_last=True)
     model = build_model("resnet18").to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -80,10 +79,10 @@ def recipe_runs(device: torch.device, data_dir: str, out: str, toy_images: int |
             torch.cuda.reset_peak_memory_stats()
         summary = train.main(["--data-dir", data_dir, "--out", run, "--overwrite", "--no-progress",
                               "--device", device.type, *size, *flags])
-        last = read_metrics(run)[-1]
+        logged = read_metrics(run)
         rows.append({"run": name, "flags": " ".join(flags) or "(none)", "epochs": summary["epochs"],
-                     "epoch_s": last["epoch_time_s"], "images_per_s": last["images_per_s"],
-                     "compile_s": read_metrics(run)[0].get("compile_s"), "test_acc": summary["final_test_acc"],
+                     "epoch_s": logged[-1]["epoch_time_s"], "images_per_s": logged[-1]["images_per_s"],
+                     "compile_s": logged[0].get("compile_s"), "test_acc": summary["final_test_acc"],
                      "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
                      if device.type == "cuda" else None})
     return rows
@@ -130,11 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     toy = device.type != "cuda"
     os.makedirs(args.out, exist_ok=True)
-    n_train = len(load_cifar(args.data_dir).train_x)  # a missing data dir is one line now, not after the tests
+    data = load_cifar(args.data_dir)  # a missing data dir is one line now, not after the tests
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_name(device), "torch": torch.__version__,
               "cuda": torch.version.cuda, "mode": "no CUDA here: the same steps at toy size, a check of this script "
-              "only" if toy else "CUDA: full size", "gpu_tests": gpu_tests(), "host_syncs": host_syncs(device,
-              args.data_dir), "sync_bn": sync_bn(device), "runs": recipe_runs(device, args.data_dir, args.out, min(512, n_train) if toy else None)}
+              "only" if toy else "CUDA: full size", "gpu_tests": gpu_tests(),
+              "host_syncs": host_syncs(device, data), "sync_bn": sync_bn(device),
+              "runs": recipe_runs(device, args.data_dir, args.out, min(512, len(data.train_x)) if toy else None)}
     print(write_report(report, args.out))
     return report
 
