@@ -29,6 +29,9 @@ RECIPES = {
     # the same in 18 epochs, for --amp where bf16 is fast (a GPU, or a CPU with AMX): the classic loop's accuracy on
     # two seeds in under a fifth of its time on a 2-core AMX Xeon, 2026-12-03 (docs/speed.md)
     "fast18": FAST | dict(epochs=18, crop_padding=2),
+    # a GPU's: 4x the batch (fewer, larger steps: a modern GPU is launch-bound at 128) at 4x the lr, bf16 autocast
+    # and a compiled step; more epochs than fast18 buy back what the large batch costs (docs/gpu.md)
+    "gpu": FAST | dict(epochs=30, batch_size=512, lr=0.8, crop_padding=2, amp=True, compile=True),
 }
 
 
@@ -158,8 +161,8 @@ class Config:
                             f"--eval-only, or resume it from the git tag {RETIRED_LEVERS_TAG}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
-        for k in RUNTIME_FIELDS:
-            setattr(cfg, k, getattr(now, k))
+        for k in RUNTIME_FIELDS:  # the new command line's; where not typed, what the run's recipe sets
+            setattr(cfg, k, getattr(now, k) if k in explicit else RECIPES[cfg.recipe].get(k, getattr(now, k)))
         cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
         if "epochs" in explicit and now.epochs > cfg.epochs:
             cfg.epochs = now.epochs
@@ -301,6 +304,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         except ValueError as e:
             raise UserError(f"--device cuda: {e}") from None
     return torch.device("cpu")
+
+
+def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) -> list[str]:
+    """A recipe's --amp and --compile (not typed by the user) where this device cannot use them: turned off, and
+    a note for each. --recipe gpu compiles on CUDA only (a CPU compile costs minutes for little gain)."""
+    notes, preset = [], RECIPES[cfg.recipe]
+    if preset.get("amp") and "amp" not in explicit and (why := bf16_unavailable(device)):
+        cfg.amp = False
+        notes.append(f"--recipe {cfg.recipe} sets --amp, but {why}: training in fp32")
+    if preset.get("compile") and "compile" not in explicit:
+        why = compile_unavailable(device) or ("" if device.type == "cuda" else "it compiles on CUDA only")
+        if why:
+            cfg.compile = False
+            notes.append(f"--recipe {cfg.recipe} sets --compile, but {why}: training uncompiled (--compile "
+                         "forces it)")
+    return notes
 
 
 def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:

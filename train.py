@@ -27,7 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from config import Config, UserError, explicit_flags, parse_config, resolve_device, run_script, validate_runtime
+from config import (Config, UserError, explicit_flags, fit_recipe_to_device, parse_config, resolve_device, run_script,
+                    validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
 from hardware import channels_last_fault, configure_backends, strict_fp32
@@ -327,8 +328,9 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
     model.normalization = {"mean": list(data.mean), "std": list(data.std)}
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # on CUDA one fused kernel updates every parameter (the default, foreach, launches several per step)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, fused=True if device.type == "cuda" else None)
     steps_per_epoch = len(train_loader)
     warmup = ErrorWarmup(cfg.warmup_error_threshold(), max(1, round(cfg.warmup_length() * steps_per_epoch)),
                          device, train_loader.world) if cfg.warmup == "until-error" else None
@@ -478,6 +480,9 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     if cfg.eval_only:
         return eval_only(cfg, device, explicit)
     cfg, ckpt = open_run(cfg, explicit, rank, world)
+    for note in fit_recipe_to_device(cfg, device, explicit):
+        if rank == 0:
+            print(f"train.py: note: {note}", file=sys.stderr)
     validate_runtime(cfg, device, world)
     if rank == 0 and world > 1 and cfg.batch_size // world < SMALL_LOCAL_BATCH:
         print(f"train.py: note: --batch-size {cfg.batch_size} over {world} processes is {cfg.batch_size // world} "
