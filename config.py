@@ -122,6 +122,9 @@ class Config:
                                 "AVX512-BF16 or AMX; weights and BN statistics stay fp32, evaluation is fp32")
     channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
     compile: bool = _process(False, "torch.compile the training model")
+    dist_timeout: float = _process(30.0, "under torchrun: minutes a process waits for the others at one "
+                                         "collective before the run fails; setup is bounded by it too (a first "
+                                         "download, decode or --compile on many processes sharing a host)")
     sync_bn: bool = _process(False, "BatchNorm statistics of the global batch across torchrun processes (CPU "
                                     "or CUDA)")
     deterministic: bool = _process(False, "deterministic kernels (slower on CUDA; no cudnn.benchmark); "
@@ -259,7 +262,7 @@ def validate(cfg: Config) -> None:
             raise UserError(msg)
 
     need(cfg.arch in MODEL_NAMES, f"unknown --arch {cfg.arch!r}; valid: {', '.join(MODEL_NAMES)}")
-    for name in ("width", "epochs", "batch_size", "lr", "log_every", "eval_every"):
+    for name in ("width", "epochs", "batch_size", "lr", "log_every", "eval_every", "dist_timeout"):
         need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")

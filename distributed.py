@@ -22,8 +22,10 @@ class SetupError(Exception):
     """A setup step failed on some rank; every rank raises it with that rank's one-line message."""
 
 
-def setup(device_flag: str) -> tuple[int, int, int]:
-    """(rank, world, local rank). NCCL when the run is on CUDA, gloo on CPU (--device cpu, or no GPU)."""
+def setup(device_flag: str, timeout_min: float = 30.0) -> tuple[int, int, int]:
+    """(rank, world, local rank). NCCL when the run is on CUDA, gloo on CPU (--device cpu, or no GPU).
+    timeout_min (--dist-timeout) bounds every collective, those of setup too: the ranks wait in one while local
+    rank 0 downloads and decodes the data, and at the first step while each compiles."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
@@ -34,7 +36,7 @@ def setup(device_flag: str) -> tuple[int, int, int]:
             torch.cuda.set_device(cuda_index(local))
         except ValueError as e:  # before the process group: every rank sees the same, and says it
             raise SystemExit(f"train.py: error: {e}") from None
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
     return rank, world, local
 
 

@@ -4,9 +4,10 @@
     python gpu_check.py --data-dir data --out gpu-check      # on a CPU: the same steps at toy size, and says so
 
 Steps: the GPU tests (tests/test_gpu.py); a per-step host-sync check (torch.cuda.set_sync_debug_mode: a training
-step that makes the CPU wait for the GPU is an error); real epochs of the default recipe with and without --amp
-and --compile (images/s, seconds per epoch, peak memory, final test accuracy); our sync-BN through a one-rank
-process group (NCCL on CUDA) against BatchNorm2d. Writes <out>/report.json and <out>/report.txt.
+step that makes the CPU wait for the GPU is an error); two real epochs of the default recipe, with --amp and with
+--amp --compile, and of the GPU recipe without and with its compile (images/s and seconds of the second epoch,
+compile seconds, peak memory, test accuracy); our sync-BN through a one-rank process group (NCCL on CUDA) against
+BatchNorm2d. Writes <out>/report.json and <out>/report.txt.
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ def gpu_tests() -> dict:
     return {"exit_code": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1]}
 
 
-def host_syncs(device: torch.device, data: Cifar) -> dict:
-    """Training steps under torch.cuda.set_sync_debug_mode("error"): any operation that makes the host wait
-    for the GPU raises. The first step (cuDNN's autotuning, allocations) runs before the mode is set."""
+def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int = 6) -> dict:
+    """Training steps (train.py's, with its fused SGD) under torch.cuda.set_sync_debug_mode("error"): any
+    operation that makes the host wait for the GPU raises. The first step (cuDNN's autotuning, allocations)
+    runs before the mode is set."""
     if device.type != "cuda":
         return {"checked": False, "why": "no CUDA: host syncs are a GPU matter"}
-    loader = Loader(data.train_x[:128 * 6], data.train_y[:128 * 6], 128, device, train=True, channels_last=True)
+    n = batch * steps
+    loader = Loader(data.train_x[:n], data.train_y[:n], batch, device, train=True, channels_last=True)
     model = build_model("resnet18").to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
     sched, crit = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), nn.CrossEntropyLoss(label_smoothing=0.1)
     sums = train.EpochSums(device)
-    train.train_one_epoch(model, Loader(loader.x[:128], loader.y[:128], 128, device, train=True,
+    train.train_one_epoch(model, Loader(loader.x[:batch], loader.y[:batch], batch, device, train=True,
                                         channels_last=True), opt, sched, crit, sums, 0)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -61,26 +64,37 @@ def host_syncs(device: torch.device, data: Cifar) -> dict:
         return {"checked": True, "steps": len(loader), "syncs": 1, "error": str(e).splitlines()[0]}
 
 
-def recipe_runs(device: torch.device, data_dir: str, out: str, toy_images: int | None) -> list[dict]:
-    """A few epochs of the default recipe, then with --amp and with --compile where they can run; toy_images:
-    one epoch of a 4-wide resnet20 on that many images instead."""
-    toy = toy_images is not None
-    size = ["--subset", str(toy_images), "--epochs", "1", "--width", "4", "--arch", "resnet20"] if toy \
-        else ["--epochs", "2"]
-    variants = [("default", [])]
+def recipe_variants(device: torch.device, toy: bool) -> list[tuple[str, list[str]]]:
+    """(name, train.py flags): the default recipe as it is, with --amp and with --amp --compile where they can
+    run; the GPU recipe (--amp and --compile, which it turns off where the device cannot use them) without and
+    with its compile; two epochs each (one warm-up epoch for the GPU recipe). toy: one epoch of a 4-wide
+    resnet20 on a few images, the GPU recipe at batch 64."""
+    size = ["--subset", "TOY", "--epochs", "1", "--width", "4", "--arch", "resnet20"] if toy else ["--epochs", "2"]
+    gpu = ["--recipe", "gpu", "--warmup-epochs", "0.5" if toy else "1", *(["--batch-size", "64"] if toy else [])]
+    variants = [("default", size)]
     if not bf16_unavailable(device):
-        variants.append(("amp", ["--amp"]))
-    if not compile_unavailable(device) and not toy:
-        variants.append(("compile", ["--compile"]))
+        variants.append(("amp", [*size, "--amp"]))
+        if not compile_unavailable(device) and not toy:
+            variants.append(("amp-compile", [*size, "--amp", "--compile"]))
+    if not toy:
+        variants.append(("gpu-eager", [*size, *gpu, "--no-compile"]))
+    variants.append(("gpu", [*size, *gpu]))
+    return variants
+
+
+def recipe_runs(device: torch.device, data_dir: str, out: str, toy_images: int | None) -> list[dict]:
+    """recipe_variants' runs: images/s and seconds of the last epoch, compile seconds, test accuracy, peak
+    memory. toy_images: the toy size's number of images."""
     rows = []
-    for name, flags in variants:
+    for name, flags in recipe_variants(device, toy_images is not None):
+        flags = [str(toy_images) if f == "TOY" else f for f in flags]
         run = os.path.join(out, name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         summary = train.main(["--data-dir", data_dir, "--out", run, "--overwrite", "--no-progress",
-                              "--device", device.type, *size, *flags])
+                              "--device", device.type, *flags])
         logged = read_metrics(run)
-        rows.append({"run": name, "flags": " ".join(flags) or "(none)", "epochs": summary["epochs"],
+        rows.append({"run": name, "flags": " ".join(flags), "epochs": summary["epochs"],
                      "epoch_s": logged[-1]["epoch_time_s"], "images_per_s": logged[-1]["images_per_s"],
                      "compile_s": logged[0].get("compile_s"), "test_acc": summary["final_test_acc"],
                      "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -113,9 +127,9 @@ def write_report(report: dict, out: str) -> str:
     lines = [f"{report['date']}  {report['machine']}, torch {report['torch']}, CUDA {report['cuda']}",
              report["mode"], f"GPU tests: {report['gpu_tests']['summary']}",
              f"host syncs: {report['host_syncs']}", f"sync-BN: {report['sync_bn']}",
-             "run       flags      epoch s  images/s  compile s  test acc  peak MB"]
-    lines += [f"{r['run']:<9} {r['flags']:<10} {r['epoch_s']:>7}  {r['images_per_s']:>8}  {r['compile_s'] or '-':>9}  "
-              f"{r['test_acc']:.4f}  {r['peak_memory_mb'] or '-':>7}" for r in report["runs"]]
+             "run          epoch s  images/s  compile s  test acc  peak MB  train.py flags"]
+    lines += [f"{r['run']:<11}  {r['epoch_s']:>7}  {r['images_per_s']:>8}  {r['compile_s'] or '-':>9}  "
+              f"{r['test_acc']:>8.4f}  {r['peak_memory_mb'] or '-':>7}  {r['flags']}" for r in report["runs"]]
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)

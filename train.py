@@ -640,7 +640,7 @@ def eval_only(cfg: Config, device: torch.device, explicit: set[str]) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    rank, world, local_rank = distributed.setup(cfg.device)
+    rank, world, local_rank = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         result, stop = train(cfg, rank, world, local_rank, explicit_flags(argv)), None
     except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: agreed

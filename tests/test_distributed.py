@@ -29,6 +29,13 @@ def counted(d):
         f.write(os.environ["RANK"] + "\\n")
     return real(d)
 data._read_image_folder = counted
+import torch.distributed as dist
+real_init = dist.init_process_group
+def init(*args, timeout=None, **kw):
+    with open({log!r} + ".timeout", "a") as f:
+        f.write(str(timeout.total_seconds()) + "\n")
+    return real_init(*args, timeout=timeout, **kw)
+dist.init_process_group = init
 import train
 train.main(sys.argv[1:])
 """
@@ -45,9 +52,10 @@ def test_two_processes_decode_once_and_evaluate_what_they_save(tmp_path):
     log, launcher = tmp_path / "decoded.txt", tmp_path / "launch.py"
     launcher.write_text(COUNTING_LAUNCHER.format(root=ROOT, log=str(log)))
     out = tmp_path / "ddp"
-    r = torchrun(tiny_args(data_dir, out), script=str(launcher))
+    r = torchrun(tiny_args(data_dir, out, "--dist-timeout", "45"), script=str(launcher))
     assert r.returncode == 0, r.stderr[-3000:]
     assert log.read_text().split() == ["0"]  # rank 1 read the cache rank 0 wrote
+    assert (tmp_path / "decoded.txt.timeout").read_text().split() == ["2700.0", "2700.0"]  # --dist-timeout, minutes
     assert r.stdout.count("final test accuracy") == 1  # only rank 0 prints
     assert "Warning" not in r.stderr, r.stderr[-3000:]  # e.g. DDP's FutureWarning for an argument's old name
     note = "train.py: note: --batch-size 32 over 2 processes is 16 images each, and BatchNorm normalises over"
@@ -165,22 +173,31 @@ def test_sync_bn_under_bf16_is_as_accurate_as_batchnorm(monkeypatch, tmp_path):
     """Our SyncBatchNorm on bf16 activations (what --amp feeds it), its sync path on a one-process gloo group,
     against an fp64 reference: output and input gradient no worse than BatchNorm2d's on the same input, also
     where a channel's mean is large against its spread (where an affine step in bf16 cancels)."""
+    errors = sync_bn_errors(torch.device("cpu"), "gloo", monkeypatch, tmp_path)
+    (out_err, grad_err), (bn_out_err, bn_grad_err) = errors["sync"], errors["batchnorm"]
+    assert out_err <= 1.5 * bn_out_err and grad_err <= 1.5 * bn_grad_err, errors
+
+
+def sync_bn_errors(device: torch.device, backend: str, monkeypatch, tmp_path) -> dict[str, tuple[float, float]]:
+    """Max abs error of output and input gradient against an fp64 BatchNorm2d, of BatchNorm2d and of our
+    SyncBatchNorm (its sync path, on a one-process group of `backend`) on the same bf16 input."""
     import torch.distributed as dist
 
     from distributed import SyncBatchNorm
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # take the sync path on one process
         g = torch.Generator().manual_seed(0)
         mean = torch.tensor([0.0, 3.0, 30.0, -60.0]).view(1, 4, 1, 1)
         x64 = (torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64) + mean)
-        x64 = x64.to(torch.bfloat16).double()  # exactly representable in bf16
+        x64 = x64.to(torch.bfloat16).double().to(device)  # exactly representable in bf16
         weight = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
         bias = torch.randn(4, generator=g, dtype=torch.float64)
-        upstream = torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64)
+        upstream = torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64).to(device)
 
         def run(bn: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            bn = bn.to(device)
             with torch.no_grad():
                 bn.weight.copy_(weight), bn.bias.copy_(bias)
             x = x64.to(dtype).clone().requires_grad_()  # a leaf of its own
@@ -193,7 +210,6 @@ def test_sync_bn_under_bf16_is_as_accurate_as_batchnorm(monkeypatch, tmp_path):
         for name, bn in (("batchnorm", torch.nn.BatchNorm2d(4)), ("sync", SyncBatchNorm(4))):
             out, grad = run(bn, torch.bfloat16)
             errors[name] = ((out - ref_out).abs().max().item(), (grad - ref_grad).abs().max().item())
-        (out_err, grad_err), (bn_out_err, bn_grad_err) = errors["sync"], errors["batchnorm"]
-        assert out_err <= 1.5 * bn_out_err and grad_err <= 1.5 * bn_grad_err, errors
+        return errors
     finally:
         dist.destroy_process_group()

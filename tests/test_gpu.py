@@ -1,5 +1,7 @@
 """The CUDA paths, on a machine with a GPU (skipped elsewhere): checkpoints readable on a CPU, fp32 evaluation after
---amp, deterministic runs and resume, the classic loop and bench.py on the GPU, NCCL with two GPUs."""
+--amp, deterministic runs and resume, --compile, no host sync in a training step, bf16 and channels_last really in
+use, the GPU recipe with its fused SGD, sync-BN on a one-rank NCCL group, the classic loop and bench.py on the GPU,
+NCCL with two GPUs."""
 
 from __future__ import annotations
 
@@ -64,6 +66,80 @@ def test_deterministic_runs_are_identical_and_resume_exactly(tiny_folder, tmp_pa
                 "--deterministic"])
     assert untimed(metrics(broken)) == untimed(metrics(tmp_path / "a"))
     assert_same_weights(weights(broken), weights(tmp_path / "a"))
+
+
+needs_bf16 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+                                reason="bf16 arithmetic needs compute capability 8.0")
+
+
+def test_compiled_run_logs_its_compile_apart_and_evaluates_as_logged(tiny_folder, tmp_path):
+    from hardware import compile_unavailable
+
+    if why := compile_unavailable(torch.device("cuda")):
+        pytest.skip(why)
+    out = tmp_path / "r"
+    train.main(gpu_args(tiny_folder, out, "--compile"))
+    first, second = metrics(out)
+    assert first["compile_s"] > 0 and "compile_s" not in second
+    res = train.main(["--eval-only", "--resume", str(out), "--data-dir", tiny_folder, "--device", "cuda"])
+    assert res["test_acc"] == second["test_acc"]  # the uncompiled module, evaluated in the run's format
+
+
+def test_a_training_step_never_waits_for_the_gpu(tiny_folder):
+    """train.py's step (data, bf16 forward where the GPU has it, loss, fused SGD, lr schedule, epoch sums) under
+    torch.cuda.set_sync_debug_mode("error")."""
+    import gpu_check
+    from data import load_cifar
+
+    result = gpu_check.host_syncs(torch.device("cuda"), load_cifar(tiny_folder), batch=32, steps=5)
+    assert result["checked"] and result["syncs"] == 0, result
+
+
+@needs_bf16
+def test_amp_trains_in_bf16_and_channels_last_and_evaluates_in_fp32(tiny_folder, tmp_path, monkeypatch):
+    """The first convolution's output dtype and input layout in every forward: bf16 and channels_last in
+    training under --amp, fp32 and channels_last in evaluation."""
+    seen = []  # (training?, output dtype, channels_last input?)
+    build = train.build_model
+
+    def hooked(*args, **kw):
+        model = build(*args, **kw)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, inp, out: seen.append(
+            (m.training, out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(train, "build_model", hooked)
+    train.main(gpu_args(tiny_folder, tmp_path / "r", "--amp"))
+    assert {s for s in seen if s[0]} == {(True, torch.bfloat16, True)}
+    evaluated = [s for s in seen if not s[0]][:-1]  # the last forward draws the pictures, outside evaluate
+    assert evaluated and set(evaluated) == {(False, torch.float32, True)}
+
+
+@needs_bf16
+def test_gpu_recipe_keeps_its_amp_and_compile_and_steps_with_fused_sgd(tiny_folder, tmp_path):
+    import config
+    from data import load_cifar
+    from hardware import compile_unavailable
+
+    cfg = config.parse_config(["--recipe", "gpu", "--batch-size", "32", "--out", str(tmp_path / "r")])
+    cuda = torch.device("cuda")
+    compiles = compile_unavailable(cuda) is None  # Triton installed
+    notes = config.fit_recipe_to_device(cfg, cuda, {"recipe", "batch_size", "out"})
+    assert cfg.amp and cfg.compile == compiles and len(notes) == (0 if compiles else 1), notes
+    data = load_cifar(tiny_folder)
+    loaders = train.make_loaders(cfg, data, cuda, 0, 1)
+    state = train.new_state(cfg, data, loaders.train, cuda)
+    assert state.optimizer.defaults["fused"]
+
+
+def test_sync_bn_on_a_one_rank_nccl_group_is_as_accurate_as_batchnorm(monkeypatch, tmp_path):
+    """Our sync-BN's sync path on CUDA (NCCL), bf16 input, against fp64: no worse than cuDNN's BatchNorm2d."""
+    from test_distributed import sync_bn_errors
+
+    errors = sync_bn_errors(torch.device("cuda"), "nccl", monkeypatch, tmp_path)
+    (out_err, grad_err), (bn_out_err, bn_grad_err) = errors["sync"], errors["batchnorm"]
+    assert out_err <= 1.5 * bn_out_err and grad_err <= 1.5 * bn_grad_err, errors
 
 
 def test_classic_loop_and_bench_run_on_the_gpu(tiny_folder, tmp_path):

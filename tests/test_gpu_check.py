@@ -20,7 +20,8 @@ def test_the_gpu_check_runs_its_steps_at_toy_size_on_a_cpu(tiny_folder, tmp_path
     assert report["host_syncs"] == {"checked": False, "why": "no CUDA: host syncs are a GPU matter"}
     assert report["sync_bn"]["backend"] == "gloo" and report["sync_bn"]["ok"]
     runs = {r["run"]: r for r in report["runs"]}
-    assert "default" in runs and all(r["images_per_s"] > 0 and r["epochs"] == 1 for r in runs.values())
+    assert {"default", "gpu"} <= set(runs) and all(r["images_per_s"] > 0 and r["epochs"] == 1 for r in runs.values())
+    assert runs["gpu"]["flags"].startswith("--subset") and "--recipe gpu" in runs["gpu"]["flags"]
     assert json.loads((tmp_path / "check" / "report.json").read_text())["runs"] == report["runs"]
     text = (tmp_path / "check" / "report.txt").read_text()
     assert "toy size" in text and text in capsys.readouterr().out

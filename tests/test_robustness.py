@@ -50,6 +50,7 @@ BAD_FLAGS = [
     (["--schedule", "linear", "--milestones", "1"], "--milestones are for --schedule step"),
     (["--schedule", "cosine"], "invalid choice"),
     (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--dist-timeout", "0"], "--dist-timeout must be positive"),
     (["--recipe", "fast16", "--epochs", "1"], "got 2.0 (--recipe fast16 sets 2.0: give --warmup-epochs for --epochs 1)"),
     (["--recipe", "fast"], "below --epochs (--recipe fast sets 2.0: give --warmup-epochs for --epochs 2)"),
     (["--warmup-error", "0.5"], "--warmup-error is the threshold of --warmup until-error; this run's warm-up is"),

@@ -117,6 +117,38 @@ def test_fast16_and_fast18_recipes_are_fast_with_crops_shifted_by_2(epochs):
     assert preset == flags and (preset["crop_padding"], preset["epochs"]) == (2, epochs)
 
 
+def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_folder, tmp_path, monkeypatch, capsys):
+    """--recipe gpu sets batch 512 at lr 0.8, --amp and --compile. Where the device cannot use the last two (no
+    bf16 units; a CPU, which it does not compile on), the run turns them off, one note each; a flag the user typed
+    stays. A resumed run's process flags that the command line leaves out are its recipe's, fitted again."""
+    import config
+
+    cfg = train.parse_config(["--recipe", "gpu", "--out", "x"])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule, cfg.amp, cfg.compile) == (30, 512, 0.8, "linear",
+                                                                                        True, True)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(config, "bf16_unavailable", lambda device: None)
+    assert config.fit_recipe_to_device(cfg, cpu, set()) == [
+        "--recipe gpu sets --compile, but it compiles on CUDA only: training uncompiled (--compile forces it)"]
+    assert cfg.amp and not cfg.compile
+    typed = train.parse_config(["--recipe", "gpu", "--compile", "--out", "x"])
+    assert config.fit_recipe_to_device(typed, cpu, {"recipe", "compile"}) == [] and typed.compile
+
+    monkeypatch.setattr(config, "bf16_unavailable", lambda device: "no bf16 here")
+    out = tmp_path / "r"
+    small = ("--recipe", "gpu", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "1")
+    train.main(tiny_args(tiny_folder, out, *small))
+    err = capsys.readouterr().err
+    assert "train.py: note: --recipe gpu sets --amp, but no bf16 here: training in fp32" in err
+    assert "train.py: note: --recipe gpu sets --compile, but it compiles on CUDA only" in err
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["recipe"], saved["amp"], saved["compile"]) == ("gpu", False, False)
+    for argv, amp in ((["--resume", str(out)], True), (["--resume", str(out), "--no-amp"], False)):
+        now = train.parse_config(argv)
+        resumed = config.Config.for_resume(saved, now, config.explicit_flags(argv))
+        assert (resumed.amp, resumed.compile) == (amp, True)  # the recipe's, unless typed
+
+
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
     """--tta reports, beside the plain accuracy, the accuracy of logits averaged over each image and its mirror."""
     from data import Loader, load_cifar10
