@@ -122,6 +122,9 @@ class Config:
                                 "AVX512-BF16 or AMX; weights and BN statistics stay fp32, evaluation is fp32")
     channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
     compile: bool = _process(False, "torch.compile the training model")
+    compile_mode: str | None = _process(None, "torch.compile's mode with --compile: default; reduce-overhead "
+                                              "(CUDA graphs: fewer kernel launches); max-autotune",
+                                        choices=("default", "reduce-overhead", "max-autotune"))
     dist_timeout: float = _process(30.0, "under torchrun: minutes a process waits for the others at one "
                                          "collective before the run fails; setup is bounded by it too (a first "
                                          "download, decode or --compile on many processes sharing a host)")
@@ -276,6 +279,8 @@ def validate(cfg: Config) -> None:
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}{origin}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
+    need(cfg.compile_mode is None or cfg.compile, f"--compile-mode {cfg.compile_mode} is the mode of --compile, "
+                                                  "which this run does not use")
     need(cfg.warmup_error is None or cfg.warmup == "until-error",
          f"--warmup-error is the threshold of --warmup until-error; this run's warm-up is {cfg.warmup}")
     need(0 < cfg.warmup_error_threshold() < 1, f"--warmup-error must be in (0, 1), got {cfg.warmup_error}")

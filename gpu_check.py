@@ -5,9 +5,9 @@
 
 Steps: the GPU tests (tests/test_gpu.py); a per-step host-sync check (torch.cuda.set_sync_debug_mode: a training
 step that makes the CPU wait for the GPU is an error); two real epochs of the default recipe, with --amp and with
---amp --compile, and of the GPU recipe without and with its compile (images/s and seconds of the second epoch,
-compile seconds, peak memory, test accuracy); our sync-BN through a one-rank process group (NCCL on CUDA) against
-BatchNorm2d. Writes <out>/report.json and <out>/report.txt.
+--amp --compile, and of the GPU recipe uncompiled, compiled and compiled with CUDA graphs (images/s and seconds of
+the second epoch, compile seconds, peak memory, test accuracy); our sync-BN through a one-rank process group (NCCL
+on CUDA) against BatchNorm2d. Writes <out>/report.json and <out>/report.txt.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int =
 def recipe_variants(device: torch.device, toy: bool) -> list[tuple[str, list[str]]]:
     """(name, train.py flags): the default recipe as it is, with --amp and with --amp --compile where they can
     run; the GPU recipe (--amp and --compile, which it turns off where the device cannot use them) without and
-    with its compile; two epochs each (one warm-up epoch for the GPU recipe). toy: one epoch of a 4-wide
-    resnet20 on a few images, the GPU recipe at batch 64."""
+    with its compile, and compiled with CUDA graphs; two epochs each (one warm-up epoch for the GPU recipe).
+    toy: one epoch of a 4-wide resnet20 on a few images, the GPU recipe at batch 64."""
     size = ["--subset", "TOY", "--epochs", "1", "--width", "4", "--arch", "resnet20"] if toy else ["--epochs", "2"]
     gpu = ["--recipe", "gpu", "--warmup-epochs", "0.5" if toy else "1", *(["--batch-size", "64"] if toy else [])]
     variants = [("default", size)]
@@ -79,6 +79,8 @@ def recipe_variants(device: torch.device, toy: bool) -> list[tuple[str, list[str
     if not toy:
         variants.append(("gpu-eager", [*size, *gpu, "--no-compile"]))
     variants.append(("gpu", [*size, *gpu]))
+    if not toy and not compile_unavailable(device):
+        variants.append(("gpu-graphs", [*size, *gpu, "--compile-mode", "reduce-overhead"]))
     return variants
 
 

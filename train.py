@@ -440,7 +440,7 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
         sync = "forward_sync_buffers" if renamed else "broadcast_buffers"
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         gradient_as_bucket_view=True, **{sync: False})
-    return torch.compile(model) if cfg.compile else model
+    return torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
 
 
 def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Config, dict | None]:

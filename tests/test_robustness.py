@@ -51,6 +51,8 @@ BAD_FLAGS = [
     (["--schedule", "cosine"], "invalid choice"),
     (["--eval-every", "0"], "--eval-every must be positive"),
     (["--dist-timeout", "0"], "--dist-timeout must be positive"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead is the mode of --compile, which this run"),
+    (["--compile-mode", "fast"], "invalid choice"),
     (["--recipe", "fast16", "--epochs", "1"], "got 2.0 (--recipe fast16 sets 2.0: give --warmup-epochs for --epochs 1)"),
     (["--recipe", "fast"], "below --epochs (--recipe fast sets 2.0: give --warmup-epochs for --epochs 2)"),
     (["--warmup-error", "0.5"], "--warmup-error is the threshold of --warmup until-error; this run's warm-up is"),

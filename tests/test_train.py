@@ -384,7 +384,9 @@ def test_compile_time_is_kept_out_of_the_epochs_figures(tiny_folder, tmp_path, m
             return self.model(x)
 
     monkeypatch.setattr(config, "compile_unavailable", lambda device: None)
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: SlowStart(model))
-    train.main(tiny_args(tiny_folder, tmp_path / "r", "--compile"))
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), SlowStart(model))[1])
+    train.main(tiny_args(tiny_folder, tmp_path / "r", "--compile", "--compile-mode", "reduce-overhead"))
     first, second = metrics(tmp_path / "r")
     assert first["compile_s"] >= 5 and first["epoch_time_s"] < 5 and "compile_s" not in second
+    assert modes == ["reduce-overhead"]
