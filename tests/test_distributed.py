@@ -18,7 +18,8 @@ from runs import load_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# Counts which ranks decode the image folder (the slow part of a cold start), then runs train.py.
+# Counts which ranks decode the image folder (the slow part of a cold start) and records the process group's
+# timeout, then runs train.py.
 COUNTING_LAUNCHER = """
 import os, sys
 sys.path.insert(0, {root!r})
@@ -33,7 +34,7 @@ import torch.distributed as dist
 real_init = dist.init_process_group
 def init(*args, timeout=None, **kw):
     with open({log!r} + ".timeout", "a") as f:
-        f.write(str(timeout.total_seconds()) + "\n")
+        f.write(str(timeout.total_seconds()) + "\\n")
     return real_init(*args, timeout=timeout, **kw)
 dist.init_process_group = init
 import train
