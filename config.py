@@ -167,8 +167,9 @@ class Config:
                             f"--eval-only, or resume it from the git tag {RETIRED_LEVERS_TAG}")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in saved.items() if k in names})
+        preset = RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
         for k in RUNTIME_FIELDS:  # the new command line's; where not typed, what the run's recipe sets
-            setattr(cfg, k, getattr(now, k) if k in explicit else RECIPES[cfg.recipe].get(k, getattr(now, k)))
+            setattr(cfg, k, getattr(now, k) if k in explicit else preset.get(k, getattr(now, k)))
         cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
         if "epochs" in explicit and now.epochs > cfg.epochs:
             cfg.epochs = now.epochs
@@ -317,7 +318,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) -> list[str]:
     """A recipe's --amp and --compile (not typed by the user) where this device cannot use them: turned off, and
     a note for each. --recipe gpu compiles on CUDA only (a CPU compile costs minutes for little gain)."""
-    notes, preset = [], RECIPES[cfg.recipe]
+    notes, preset = [], RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
     if preset.get("amp") and "amp" not in explicit and (why := bf16_unavailable(device)):
         cfg.amp = False
         notes.append(f"--recipe {cfg.recipe} sets --amp, but {why}: training in fp32")

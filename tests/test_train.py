@@ -147,6 +147,8 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
         now = train.parse_config(argv)
         resumed = config.Config.for_resume(saved, now, config.explicit_flags(argv))
         assert (resumed.amp, resumed.compile) == (amp, True)  # the recipe's, unless typed
+    gone = config.Config.for_resume({**saved, "recipe": "quarter"}, now, {"resume"})  # a recipe since removed
+    assert (gone.amp, gone.compile) == (False, False)
 
 
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
