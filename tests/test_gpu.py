@@ -135,11 +135,9 @@ def test_gpu_recipe_keeps_its_amp_and_compile_and_steps_with_fused_sgd(tiny_fold
 
 def test_sync_bn_on_a_one_rank_nccl_group_is_as_accurate_as_batchnorm(monkeypatch, tmp_path):
     """Our sync-BN's sync path on CUDA (NCCL), bf16 input, against fp64: no worse than cuDNN's BatchNorm2d."""
-    from test_distributed import sync_bn_errors
+    from test_distributed import assert_sync_bn_as_accurate_as_batchnorm
 
-    errors = sync_bn_errors(torch.device("cuda"), "nccl", monkeypatch, tmp_path)
-    (out_err, grad_err), (bn_out_err, bn_grad_err) = errors["sync"], errors["batchnorm"]
-    assert out_err <= 1.5 * bn_out_err and grad_err <= 1.5 * bn_grad_err, errors
+    assert_sync_bn_as_accurate_as_batchnorm(torch.device("cuda"), "nccl", monkeypatch, tmp_path)
 
 
 def test_classic_loop_and_bench_run_on_the_gpu(tiny_folder, tmp_path):
