@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+
 import pytest
 import torch
 
+import hubconf
 from conftest import ROOT
 from resnet import MODEL_NAMES
 
 # The paper's parameter counts (Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M) and ours for ResNet-18 at width 16.
 PAPER_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
-SHIPPED_TEST_ACC = {"resnet18": 0.8767, "resnet20": 0.8508, "resnet56": 0.8676}  # weights/README.md, on the JPEG copy's 10,000
+
+
+def documented_weights() -> dict[str, tuple[float, str]]:
+    """weights/README.md's table: file -> (test accuracy on the JPEG copy's 10,000 images, sha256)."""
+    with open(os.path.join(ROOT, "weights", "README.md")) as f:
+        rows = re.findall(r"^\| `([^`]+\.pt)` .*\*\*(\d+\.\d+)%\*\* \| `([0-9a-f]{64})` \|$", f.read(), re.M)
+    return {file: (float(acc) / 100, sha) for file, acc, sha in rows}
+
+
+SHIPPED_TEST_ACC = {name: documented_weights()[file][0] for name, file in hubconf.PRETRAINED.items()}
 
 
 def hub(name: str, **kw):
@@ -41,6 +55,15 @@ def test_hub_resnet18_and_its_refusals():
         hub("plain56", pretrained=True)
     with pytest.raises(ValueError, match="takes no width"):
         hub("resnet20", pretrained=True, width=32)
+
+
+def test_every_shipped_file_is_documented_with_its_sha256():
+    documented = documented_weights()
+    shipped = sorted(f for f in os.listdir(os.path.join(ROOT, "weights")) if f.endswith(".pt"))
+    assert sorted(documented) == shipped == sorted(hubconf.PRETRAINED.values())
+    for file, (_, sha) in documented.items():
+        with open(os.path.join(ROOT, "weights", file), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == sha, file
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_TEST_ACC))
