@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 import train
-from config import Parser, UserError, run_script
-from data import Cifar, DataError, Loader, load_cifar
+from config import Parser, UserError, parse_config, run_script
+from data import Cifar, DataError, load_cifar
 from distributed import SyncBatchNorm
 from hardware import bf16_unavailable, compile_unavailable, machine_name
-from resnet import build_model
 from runs import read_metrics
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -41,27 +40,30 @@ def gpu_tests() -> dict:
 
 
 def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int = 6) -> dict:
-    """Training steps (train.py's, with its fused SGD) under torch.cuda.set_sync_debug_mode("error"): any
-    operation that makes the host wait for the GPU raises. The first step (cuDNN's autotuning, allocations)
-    runs before the mode is set."""
+    """Training steps as train.py takes them (its loader, model, fused SGD, lr schedule, loss and epoch sums;
+    bf16 where the GPU has it) with torch.cuda.set_sync_debug_mode("error") from the second step on: an
+    operation that makes the host wait for the GPU raises. The epoch's start (its augmentation plan's copy to
+    the GPU) and the first step (cuDNN's autotuning, allocations) run before the mode is set."""
     if device.type != "cuda":
         return {"checked": False, "why": "no CUDA: host syncs are a GPU matter"}
-    n = batch * steps
-    loader = Loader(data.train_x[:n], data.train_y[:n], batch, device, train=True, channels_last=True)
-    model = build_model("resnet18").to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
-    sched, crit = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), nn.CrossEntropyLoss(label_smoothing=0.1)
-    sums = train.EpochSums(device)
-    train.train_one_epoch(model, Loader(loader.x[:batch], loader.y[:batch], batch, device, train=True,
-                                        channels_last=True), opt, sched, crit, sums, 0)
-    torch.cuda.set_sync_debug_mode("error")
+    cfg = parse_config(["--subset", str(batch * steps), "--batch-size", str(batch), "--out", "unused",
+                        *([] if bf16_unavailable(device) else ["--amp"])])
+    loader = train.make_loaders(cfg, data, device, 0, 1).train
+    state = train.new_state(cfg, data, loader, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def error_from_step_2(step: int) -> None:
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
     try:
-        train.train_one_epoch(model, loader, opt, sched, crit, sums, 1, amp=not bf16_unavailable(device))
-        torch.cuda.set_sync_debug_mode("default")
-        return {"checked": True, "steps": len(loader), "syncs": 0}
+        train.train_one_epoch(state.model, loader, state.optimizer, state.scheduler, criterion, state.sums, 0,
+                              amp=cfg.amp, after_step=error_from_step_2)
+        return {"checked": True, "steps": len(loader) - 1, "syncs": 0}
     except RuntimeError as e:
+        return {"checked": True, "steps": len(loader) - 1, "syncs": 1, "error": str(e).splitlines()[0]}
+    finally:
         torch.cuda.set_sync_debug_mode("default")
-        return {"checked": True, "steps": len(loader), "syncs": 1, "error": str(e).splitlines()[0]}
 
 
 def recipe_variants(device: torch.device, toy: bool) -> list[tuple[str, list[str]]]:
