@@ -171,6 +171,8 @@ class Config:
         for k in RUNTIME_FIELDS:  # the new command line's; where not typed, what the run's recipe sets
             setattr(cfg, k, getattr(now, k) if k in explicit else preset.get(k, getattr(now, k)))
         cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
+        if cfg.compile_mode is not None and not cfg.compile:  # the run's recipe may compile: known only here
+            raise UserError(compile_mode_unused(cfg))
         if "epochs" in explicit and now.epochs > cfg.epochs:
             cfg.epochs = now.epochs
         typed = sorted(explicit - set(RUNTIME_FIELDS) - {"out"})
@@ -280,8 +282,7 @@ def validate(cfg: Config) -> None:
     need(cfg.warmup_epochs is None or 0 <= cfg.warmup_epochs <= cfg.epochs,
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}{origin}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
-    need(cfg.compile_mode is None or cfg.compile, f"--compile-mode {cfg.compile_mode} is the mode of --compile, "
-                                                  "which this run does not use")
+    need(cfg.compile_mode is None or cfg.compile or cfg.resume, compile_mode_unused(cfg))  # resumed: the run's
     need(cfg.warmup_error is None or cfg.warmup == "until-error",
          f"--warmup-error is the threshold of --warmup until-error; this run's warm-up is {cfg.warmup}")
     need(0 < cfg.warmup_error_threshold() < 1, f"--warmup-error must be in (0, 1), got {cfg.warmup_error}")
@@ -302,6 +303,10 @@ def validate(cfg: Config) -> None:
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
 
 
+def compile_mode_unused(cfg: Config) -> str:
+    return f"--compile-mode {cfg.compile_mode} is the mode of --compile, which this run does not use"
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -316,13 +321,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) -> list[str]:
-    """A recipe's --amp and --compile (not typed by the user) where this device cannot use them: turned off, and
-    a note for each. --recipe gpu compiles on CUDA only (a CPU compile costs minutes for little gain)."""
+    """A recipe's --amp and --compile (not typed by the user; --compile-mode counts as --compile) where this
+    device cannot use them: turned off, and a note for each. --recipe gpu compiles on CUDA only (a CPU compile
+    costs minutes for little gain)."""
     notes, preset = [], RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
     if preset.get("amp") and "amp" not in explicit and (why := bf16_unavailable(device)):
         cfg.amp = False
         notes.append(f"--recipe {cfg.recipe} sets --amp, but {why}: training in fp32")
-    if preset.get("compile") and "compile" not in explicit:
+    if preset.get("compile") and not explicit & {"compile", "compile_mode"}:  # a typed mode asks for compile
         why = compile_unavailable(device) or ("" if device.type == "cuda" else "it compiles on CUDA only")
         if why:
             cfg.compile = False

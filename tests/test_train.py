@@ -133,6 +133,8 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
     assert cfg.amp and not cfg.compile
     typed = train.parse_config(["--recipe", "gpu", "--compile", "--out", "x"])
     assert config.fit_recipe_to_device(typed, cpu, {"recipe", "compile"}) == [] and typed.compile
+    mode = train.parse_config(["--recipe", "gpu", "--compile-mode", "max-autotune", "--out", "x"])
+    assert config.fit_recipe_to_device(mode, cpu, {"recipe", "compile_mode"}) == [] and mode.compile  # asks for it
 
     monkeypatch.setattr(config, "bf16_unavailable", lambda device: "no bf16 here")
     out = tmp_path / "r"
@@ -149,6 +151,11 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
         assert (resumed.amp, resumed.compile) == (amp, True)  # the recipe's, unless typed
     gone = config.Config.for_resume({**saved, "recipe": "quarter"}, now, {"resume"})  # a recipe since removed
     assert (gone.amp, gone.compile) == (False, False)
+    argv = ["--resume", str(out), "--compile-mode", "reduce-overhead"]  # the run's recipe compiles: a mode fits
+    resumed = config.Config.for_resume(saved, train.parse_config(argv), config.explicit_flags(argv))
+    assert (resumed.compile, resumed.compile_mode) == (True, "reduce-overhead")
+    with pytest.raises(config.UserError, match="--compile-mode reduce-overhead is the mode of --compile, which"):
+        config.Config.for_resume({**saved, "recipe": "default"}, train.parse_config(argv), {"resume", "compile_mode"})
 
 
 def test_flip_tta_is_the_mean_of_both_views(tiny_folder, tmp_path):
