@@ -124,7 +124,7 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
     import config
 
     cfg = train.parse_config(["--recipe", "gpu", "--out", "x"])
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule, cfg.amp, cfg.compile) == (30, 512, 0.8, "linear",
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule, cfg.amp, cfg.compile) == (32, 512, 0.8, "linear",
                                                                                         True, True)
     cpu = torch.device("cpu")
     monkeypatch.setattr(config, "bf16_unavailable", lambda device: None)
