@@ -31,7 +31,7 @@ RECIPES = {
     "fast18": FAST | dict(epochs=18, crop_padding=2),
     # a GPU's: 4x the batch (fewer, larger steps: a modern GPU is launch-bound at 128) at 4x the lr, bf16 autocast
     # and a compiled step; more epochs than fast18 buy back what the large batch costs: at 32, the default recipe's
-    # accuracy on two seeds (docs/gpu.md)
+    # accuracy on three seeds (docs/gpu.md)
     "gpu": FAST | dict(epochs=32, batch_size=512, lr=0.8, crop_padding=2, amp=True, compile=True),
 }
 
