@@ -49,8 +49,9 @@ PRESETS = {
     # The paper's schedule, 182 epochs on a 45k/5k split: a GPU job (about 40 h for the quick grid on this CPU).
     "paper": (["--recipe", "paper"], [20, 56], "ablation-paper", True),
 }
-# 110-layer nets: the paper's warm-up (section 4.2), 0.1x the peak lr (0.01 at its 0.1) until the training error
-# is below 80% ("about 400 iterations"): train.py --warmup until-error, here with a tenth of the run as its longest
+# 110-layer nets on the paper's schedule: its warm-up (section 4.2), 0.1x the peak lr (0.01 at its 0.1) until the
+# training error is below 80% ("about 400 iterations"): train.py --warmup until-error, with a tenth of the run as its
+# longest. Every other recipe gives 110 layers the warm-up of every other depth: a comparison of depths changes depth.
 PAPER_WARMUP_LONGEST = 0.1
 
 
@@ -91,10 +92,9 @@ def train_argv(arch: str, seed: int, out: str, recipe: list[str], data_dir: str,
             return None
         print(f"[ablate] {arch} seed {seed}: resuming from epoch {done[0]}", flush=True)
         return ["--resume", d, *common]
-    extra = []
-    if model_depth(arch) >= 110:  # the paper's warm-up for its 110-layer nets; flags in the recipe still win
-        epochs = parse_config(["--arch", arch, *recipe]).epochs
-        extra = ["--warmup", "until-error", "--warmup-epochs", f"{PAPER_WARMUP_LONGEST * epochs:.4g}"]
+    extra, cfg = [], parse_config(["--arch", arch, *recipe])
+    if model_depth(arch) >= 110 and cfg.recipe == "paper":  # the paper's warm-up; flags in the recipe still win
+        extra = ["--warmup", "until-error", "--warmup-epochs", f"{PAPER_WARMUP_LONGEST * cfg.epochs:.4g}"]
     print(f"[ablate] {arch} seed {seed}: training", flush=True)
     return ["--arch", arch, "--seed", str(seed), "--out", d, *common, "--overwrite", *extra, *recipe]
 
