@@ -116,7 +116,9 @@ class Config:
     # hardware and process: taken from the new command line on --resume
     data_dir: str = _process("./data", "the data: cifar-10-batches-py/ or cifar-100-python/ (downloaded when "
                                        "missing), or train/ and test/ class folders")
-    resume: str | None = _process(None, "run dir or checkpoint to continue from (or to evaluate)")
+    resume: str | None = _process(None, "run dir or checkpoint to continue from (or to evaluate); auto, with "
+                                        "--out DIR: go on with DIR's run where it has one, else start it there "
+                                        "(one command for the first launch and every restart)")
     eval_only: bool = _process(False, "evaluate the --resume checkpoint on the test set")
     device: str = _process("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     amp: bool = _process(False, "bf16 autocast in training, on CUDA (compute capability >= 8.0) or a CPU with "
@@ -171,14 +173,14 @@ class Config:
         preset = RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
         for k in RUNTIME_FIELDS:  # the new command line's; where not typed, what the run's recipe sets
             setattr(cfg, k, getattr(now, k) if k in explicit else preset.get(k, getattr(now, k)))
-        cfg.out = os.path.dirname(os.path.abspath(now.resume_path()))
+        cfg.out = os.path.dirname(now.resume_path()) or "."  # as the user typed it: relative stays relative
         if cfg.compile_mode is not None and not cfg.compile:  # the run's recipe may compile: known only here
             raise UserError(compile_mode_unused(cfg))
         if "epochs" in explicit and now.epochs > cfg.epochs:
             cfg.epochs = now.epochs
         typed = sorted(explicit - set(RUNTIME_FIELDS) - {"out"})
         differ = [k for k in typed if getattr(now, k) != getattr(cfg, k)]
-        if "out" in explicit and os.path.abspath(now.out) != cfg.out:
+        if "out" in explicit and os.path.abspath(now.out) != os.path.abspath(cfg.out):
             differ.append("out")
         if differ:
             flags = ", ".join(f"--{k.replace('_', '-')} {getattr(now, k)} (run: {getattr(cfg, k)})"
@@ -302,6 +304,9 @@ def validate(cfg: Config) -> None:
          "--zero-init-residual is for residual nets; on a plain net it would zero every block")
     need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume CHECKPOINT")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
+    need(cfg.resume != "auto" or cfg.out, "--resume auto needs --out DIR: the run it starts there, or goes on "
+                                          "with where DIR holds one")
+    need(cfg.resume != "auto" or not cfg.eval_only, "--eval-only needs a checkpoint, not --resume auto")
 
 
 def compile_mode_unused(cfg: Config) -> str:

@@ -36,7 +36,13 @@ def setup(device_flag: str, timeout_min: float = 30.0) -> tuple[int, int, int]:
             torch.cuda.set_device(cuda_index(local))
         except ValueError as e:  # before the process group: every rank sees the same, and says it
             raise SystemExit(f"train.py: error: {e}") from None
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+    except (RuntimeError, ValueError) as e:  # DistBackendError, DistNetworkError, a rendezvous timeout...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SetupError(f"rank {rank}: the process group did not form ({first}): a peer process died or cannot "
+                         "be reached; start the job again (with --resume auto it goes on from its last "
+                         "checkpoint)") from None
     return rank, world, local
 
 
@@ -80,6 +86,15 @@ def attempt(step, *errors: type[Exception]) -> tuple[object, str | None]:
         return step(), None
     except errors as e:
         return None, str(e)
+
+
+def share(obj, world: int):
+    """Rank 0's obj (anything picklable), on every rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shared_signal(signum: int | None, device: torch.device, world: int) -> int | None:

@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from config import UserError
 from data import CIFAR10_MEAN, CIFAR10_STD
 from hardware import machine_name
 from resnet import ResNet, build_model
@@ -188,10 +189,80 @@ def to_cpu(state):
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file and rename: a crash mid-write never leaves a torn checkpoint."""
+    """Write to a temp file, fsync it, rename it into place and fsync the directory: neither a crash mid-write
+    nor a node's crash after it (NFS, Lustre: the rename may reach the disk before the data) leaves a torn or
+    empty checkpoint where a good one was."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in the directory durable (where the filesystem lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# What train.py writes in a run directory before its first checkpoint, and the logs a launcher keeps beside it
+# (ablate.py's train.log, a batch script's output): a directory holding only these, and no row yet, is a run that
+# stopped before it saved anything, which `--resume auto` starts again.
+BEFORE_FIRST_CHECKPOINT = ("config.json", "metrics.jsonl")
+LOG_SUFFIXES = (".log", ".out", ".err")
+
+
+def make_run_dir(out: str, unique: bool, overwrite: bool = False) -> str:
+    """Create a new run's directory with one atomic mkdir and return its name. unique (a default name): where
+    the name is taken, the next free one of out-2, out-3, ..., so two jobs started in the same second never
+    share a directory. Otherwise an existing directory is refused where it holds anything, unless overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a run directory")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    for k in range(1, 1000 if unique else 2):
+        name = out if k == 1 else f"{out}-{k}"
+        try:
+            os.mkdir(name)
+            return name
+        except FileExistsError:
+            continue
+    if os.listdir(out) and not overwrite:
+        raise UserError(f"run directory {out} already exists; pass --resume {out} (or --resume auto) to go on "
+                        "with it, or --overwrite")
+    return out
+
+
+def restart_point(out: str) -> str | None:
+    """For `--resume auto --out DIR`: DIR's last.pt where it has one (the run goes on from it); None where DIR
+    is missing, empty or holds a run stopped before its first checkpoint (the run starts there). Anything else
+    in DIR is refused: it is not a run this command can start or resume."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a run directory")
+    last = os.path.join(out, "last.pt")
+    if os.path.exists(last):
+        return last
+    if not os.path.isdir(out):
+        return None
+    rows = read_metrics(out) if os.path.exists(os.path.join(out, "metrics.jsonl")) else []
+    if any(row.get("epoch", 0) > 1 for row in rows):  # train.py logs a row before its checkpoint: one at most
+        raise UserError(f"--resume auto --out {out}: it logs {len(rows)} epochs but has no last.pt to go on from "
+                        "(a finished run kept without its checkpoint?); pass another --out")
+    other = sorted(name for name in os.listdir(out) if name not in BEFORE_FIRST_CHECKPOINT and
+                   not name.endswith(LOG_SUFFIXES) and ".tmp" not in name)
+    if other:
+        raise UserError(f"--resume auto --out {out}: it holds {', '.join(other[:3])}{', ...' if other[3:] else ''}, "
+                        "not a train.py run; pass another --out")
+    return None
 
 
 def format_row(row: dict) -> str:
@@ -222,7 +293,10 @@ def truncate_metrics(path: str, epochs_done: int) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -30,12 +30,13 @@ import distributed
 from config import (Config, UserError, explicit_flags, fit_recipe_to_device, parse_config, resolve_device, run_script,
                     validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar, split_indices
-from distributed import SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, shared_signal
+from distributed import (SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, share,
+                         shared_signal)
 from hardware import channels_last_fault, configure_backends, strict_fp32
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
-from runs import (CheckpointError, append_metrics, format_row, load_weights, model_from_checkpoint,
-                  read_checkpoint, read_metrics, run_info, save_atomic, start_files, to_cpu)
+from runs import (CheckpointError, append_metrics, format_row, load_weights, make_run_dir, model_from_checkpoint,
+                  read_checkpoint, read_metrics, restart_point, run_info, save_atomic, start_files, to_cpu)
 
 SMALL_LOCAL_BATCH = 32  # fewer images per process than this under torchrun: a note (BatchNorm over few images)
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
@@ -195,10 +196,16 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         after_step(step)
 
 
+# What stops a run at its next step, after a checkpoint: Ctrl-C, a scheduler's kill (SIGTERM) and Slurm's warning
+# (`sbatch --signal=USR1@90`) before a pre-emption or the time limit. The exit code is then 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopSignal:
-    """Inside `with`, SIGINT and SIGTERM are recorded instead of killing the run; the loop stops at the next
-    safe point, after a checkpoint. Under DDP the ranks agree at common sync points: a signal to one stops
-    them all."""
+    """Inside `with`, the STOP_SIGNALS are recorded instead of killing the run; the loop stops at the next safe
+    point, after a checkpoint. Under DDP the ranks agree at common sync points: a signal to one stops them all.
+    A second Ctrl-C ends the process at once (the default action, also inside a compile or a collective that
+    hangs): what it trained since the last checkpoint is lost, nothing saved is."""
 
     def __init__(self, device: torch.device, world: int):
         self.device, self.world = device, world
@@ -206,7 +213,7 @@ class StopSignal:
         self.signum = None  # the signal the run stops for (under DDP: agreed by every rank)
 
     def __enter__(self) -> StopSignal:
-        self._previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -215,6 +222,10 @@ class StopSignal:
 
     def _record(self, signum, frame) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print("train.py: stopping after the next step's checkpoint; Ctrl-C again quits at once",
+                  file=sys.stderr, flush=True)
 
     def requested(self, at_sync_point: bool) -> bool:
         if self.world == 1:
@@ -358,7 +369,10 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
 
 def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
     load_weights(state.model, ckpt, path)
+    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in state.optimizer.param_groups]
     state.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, kernel in zip(state.optimizer.param_groups, kernels):  # this device's SGD kernel, not the saved one
+        group.update(kernel)
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
     if rank == 0:  # the saved partial sums are already global: one rank carries them on
@@ -444,30 +458,62 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, world
 
 
 def open_run(cfg: Config, explicit: set[str], rank: int, world: int) -> tuple[Config, dict | None]:
-    """The run's config and, on --resume, its checkpoint; rank 0 creates a new run directory. Every rank
-    learns the outcome: a mistake is one line on all of them, not a hang on all but one."""
-    def check() -> tuple[Config, dict | None]:
-        if not cfg.resume:
-            if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-                raise UserError(f"--out {cfg.out} is a file, not a run directory")
-            if rank == 0:
-                if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
-                    raise UserError(f"run directory {cfg.out} already exists; pass --resume {cfg.out} or "
-                                    "--overwrite")
-                os.makedirs(cfg.out, exist_ok=True)
-            return cfg, None
-        if not os.path.exists(cfg.resume):
-            raise UserError(f"--resume: {cfg.resume} does not exist")
-        ckpt = read_checkpoint(cfg.resume_path())
-        if "config" not in ckpt:
-            source = ckpt.get("source", "no run")
-            raise UserError(f"{cfg.resume_path()} holds trained weights ({source}), not a train.py run: "
-                            "evaluate it with --eval-only, or load it with runs.load_model")
-        return Config.for_resume(ckpt["config"], cfg, explicit), ckpt
-
-    result, err = attempt(check, UserError, CheckpointError)
+    """The run's config and, when it goes on, its checkpoint. Rank 0 alone decides (a new directory, created
+    atomically, or the checkpoint to go on from) and every rank takes its decision: the ranks never disagree on a
+    default name made of the time. Every rank learns the outcome: a mistake is one line on all of them, not a
+    hang on all but one."""
+    plan, err = attempt(lambda: plan_run(cfg, explicit) if rank == 0 else None, UserError, CheckpointError)
+    agree(err, world)
+    out, resume = share(plan, world)
+    result, err = attempt(lambda: enter_run(cfg, explicit, out, resume, rank), UserError, CheckpointError)
     agree(err, world)
     return result
+
+
+def plan_run(cfg: Config, explicit: set[str]) -> tuple[str | None, str | None]:
+    """Rank 0's decision: (the new run's directory, None) or (None, the checkpoint the run goes on from)."""
+    if cfg.resume == "auto":  # one command for the first launch and every restart
+        last = restart_point(cfg.out)
+        return (None, last) if last else (make_run_dir(cfg.out, unique=False, overwrite=True), None)
+    if cfg.resume:
+        return None, cfg.resume
+    return make_run_dir(cfg.out, unique="out" not in explicit, overwrite=cfg.overwrite), None
+
+
+def enter_run(cfg: Config, explicit: set[str], out: str | None, resume: str | None, rank: int) \
+        -> tuple[Config, dict | None]:
+    """On every rank: the config of rank 0's plan, and the checkpoint it goes on from (each rank reads it)."""
+    if resume is None:
+        if not os.path.isdir(out):
+            raise UserError(f"rank {rank} cannot see the run directory {out} that rank 0 created: put --out on a "
+                            "filesystem every node shares")
+        return replace(cfg, out=out, resume=None), None
+    if not os.path.exists(resume):
+        raise UserError(f"--resume: {resume} does not exist" if rank == 0 else
+                        f"rank {rank} cannot see {resume}, which rank 0 goes on from: put the run directory on "
+                        "a filesystem every node shares")
+    now = replace(cfg, resume=resume)
+    path = now.resume_path()
+    ckpt = read_checkpoint(path) if cfg.resume != "auto" else read_restart_point(path)
+    if "config" not in ckpt:
+        source = ckpt.get("source", "no run")
+        raise UserError(f"{path} holds trained weights ({source}), not a train.py run: evaluate it with "
+                        "--eval-only, or load it with runs.load_model")
+    last = os.path.join(os.path.dirname(path), "last.pt")
+    if os.path.basename(path) != "last.pt" and os.path.exists(last):
+        raise UserError(f"{path} is not where the run stopped ({last} is): training on from it would rewrite "
+                        f"the run's later epochs. Resume {os.path.dirname(path) or '.'}, or evaluate {path} with "
+                        "--eval-only")
+    return Config.for_resume(ckpt["config"], now, explicit), ckpt
+
+
+def read_restart_point(path: str) -> dict:
+    """The checkpoint `--resume auto` found: one that cannot be read stops the restart with what to do."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; --resume auto cannot go on from it: move it away to train "
+                              f"{os.path.dirname(path)} again from its start") from None
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -542,12 +588,14 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
-        if rank == 0:
-            save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "last.pt"))
-            if "val_acc" in row and row["val_acc"] > state.best_val:
-                state.best_val = row["val_acc"]
-                save_atomic(make_checkpoint(state, epoch + 1, 0), os.path.join(out, "best.pt"))
+        improved = row.get("val_acc", -1.0) > state.best_val
+        state.best_val = max(state.best_val, row.get("val_acc", -1.0))
+        if rank == 0:  # the row, then best.pt, then last.pt: a stop between any two redoes the epoch exactly
             append_metrics(os.path.join(out, "metrics.jsonl"), row)
+            ckpt = make_checkpoint(state, epoch + 1, 0)
+            if improved:
+                save_atomic(ckpt, os.path.join(out, "best.pt"))
+            save_atomic(ckpt, os.path.join(out, "last.pt"))
             tqdm.write(format_row(row))
         if stop.requested(True):  # a signal during evaluation: last.pt above already holds this epoch
             raise Interrupted
@@ -561,7 +609,9 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
     ranks' training images over the training seconds, both timed)."""
     sums, model, classes = state.sums.reduced(world), state.model, len(state.classes)
     n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
-    row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
+    steps = len(loaders.train)  # the rate of the epoch's last step (its global step is epoch * steps - 1)
+    lr = state.scheduler.base_lrs[0] * state.scheduler.lr_lambdas[0](state.epoch * steps - 1)
+    row = {"epoch": state.epoch, "lr": lr,
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
     if state.sums.compile_s:
         row["compile_s"] = round(state.sums.compile_s, 3)

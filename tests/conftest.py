@@ -141,15 +141,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0):
-    """Send ourselves SIGTERM at a chosen point, as a scheduler pre-empting the job would."""
+def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0, signum: int = signal.SIGTERM):
+    """Send ourselves SIGTERM (or signum) at a chosen point, as a scheduler pre-empting the job would."""
     if where == "evaluate":  # after the epoch's training: the stop lands on an epoch boundary
         real, calls = train.evaluate, []
 
         def evaluate(*a, **k):
             calls.append(1)
             if len(calls) == epoch:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
             return real(*a, **k)
 
         monkeypatch.setattr(train, "evaluate", evaluate)
@@ -159,7 +159,7 @@ def interrupt_at(monkeypatch, where: str, epoch: int, step: int = 0):
         def batches(self, e=0, start=0):
             for i, b in enumerate(real_batches(self, e, start), start=start):
                 if self.train and e == epoch and i == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signum)
                 yield b
 
         monkeypatch.setattr(train.Loader, "batches", batches)
