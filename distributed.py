@@ -67,6 +67,22 @@ def exit_together(world: int, code: int) -> None:
     os._exit(code)
 
 
+# What a collective raises when a peer process is gone (gloo's and NCCL's words; torch's DistError covers newer ones)
+PEER_GONE = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe")
+
+
+def peer_lost(e: BaseException, rank: int, world: int) -> SetupError | None:
+    """The one line for a collective that failed because another process died: nothing since the last
+    checkpoint is saved, and a restart with --resume auto goes on from it. None for any other error."""
+    if world == 1 or not (isinstance(e, dist.DistError) or
+                          isinstance(e, RuntimeError) and any(word in str(e) for word in PEER_GONE)):
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return SetupError(f"rank {rank}: another process of the job stopped answering ({first}); the steps since the "
+                      "last checkpoint are lost, nothing saved is: start the job again (with --resume auto it goes "
+                      "on from its last checkpoint)")
+
+
 def agree(error: str | None, world: int) -> None:
     """Called by every rank after a setup step with its own outcome (None: fine). If any rank failed, every
     rank raises SetupError with the first failure's message, instead of the others waiting for it until a

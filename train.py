@@ -415,14 +415,16 @@ class Loaders(NamedTuple):
     val: Loader | None  # with --val-split only
 
 
-def load_data(data_dir: str, dataset: str, local_rank: int, world: int) -> Cifar:
-    """Local rank 0 of each node reads (or downloads) the data and writes the cache first; the others then
-    read the cache. No two processes download into, or decode into, the same directory at once."""
-    data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError) if local_rank == 0 else (None, None)
-    agree(err, world)
-    if data is None:
-        data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError)
-    agree(err, world)
+def load_data(data_dir: str, dataset: str, rank: int, local_rank: int, world: int) -> Cifar:
+    """One process of the whole job reads (or downloads) the data and writes its cache first: rank 0. Then local
+    rank 0 of every other node (from the cache where the data directory is shared, else its own download), then
+    the rest from the cache. No two processes download into, or decode into, one directory at once."""
+    data = None
+    for turn in (rank == 0, local_rank == 0, True):
+        err = None
+        if data is None and turn:
+            data, err = attempt(lambda: load_cifar(data_dir, dataset), DataError)
+        agree(err, world)
     return data
 
 
@@ -538,7 +540,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
 
-    data = load_data(cfg.data_dir, cfg.dataset, local_rank, world)
+    data = load_data(cfg.data_dir, cfg.dataset, rank, local_rank, world)
     cfg.check_data(len(data.train_x), world)
     loaders = make_loaders(cfg, data, device, rank, world)
     state = new_state(cfg, data, loaders.train, device)
@@ -695,8 +697,10 @@ def run(argv: list[str] | None = None) -> dict:
         result, stop = train(cfg, rank, world, local_rank, explicit_flags(argv)), None
     except (SystemExit, UserError, SetupError) as e:  # a signal, a non-finite loss, a setup error: agreed
         result, stop = None, e
-    except BaseException:
+    except BaseException as e:
         distributed.teardown(world, together=False)
+        if lost := distributed.peer_lost(e, rank, world):  # another process died (killed, its node lost)
+            raise lost from None
         raise
     if world > 1 and isinstance(stop, SystemExit):  # a signal under torchrun: everything is saved
         distributed.exit_together(world, stop.code)

@@ -1,11 +1,12 @@
-"""torchrun on CPU with 2 gloo processes: data loaded once per node, setup errors on every rank, a signal to one
-rank, BN statistics that evaluation and last.pt share, sync-BN equal to one process on the global batch (and as
+"""torchrun on CPU with 2 gloo processes: data loaded once per node and downloaded once per job, setup errors on
+every rank, a worker killed and the job restarted by torchrun, a signal to one rank, BN statistics that evaluation and last.pt share, sync-BN equal to one process on the global batch (and as
 accurate as BatchNorm2d under bf16), the warm-up's switch agreed by every rank."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import torch
 
 import train
-from conftest import ROOT, metrics, tiny_args, write_image_folder
+from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights, write_image_folder
 from runs import load_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -71,6 +72,47 @@ def test_two_processes_decode_once_and_evaluate_what_they_save(tmp_path):
     assert abs(res["test_loss"] - rows[-1]["test_loss"]) < 1e-6
 
 
+# Two processes that stand for two nodes (each its node's local rank 0) sharing one empty data directory; the
+# download is faked (writes a tiny torchvision-format CIFAR-10) and logs the rank that ran it.
+TWO_NODES_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+import torchvision.datasets.cifar as cifar
+from conftest import write_cifar_batches
+def download(self):
+    if self._check_integrity():  # as torchvision's: present already
+        return
+    with open({log!r}, "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    write_cifar_batches(self.root)
+cifar.CIFAR10.download = download
+cifar.CIFAR10._check_integrity = lambda self: os.path.isdir(os.path.join(self.root, "cifar-10-batches-py"))
+cifar.check_integrity = lambda *a, **k: True  # the tiny copy's md5 sums are not CIFAR-10's
+import train
+train.main(sys.argv[1:])
+"""
+
+
+def test_one_process_of_the_job_downloads_into_a_shared_data_dir(tmp_path):
+    data_dir, log, launcher = tmp_path / "shared-data", tmp_path / "downloads.txt", tmp_path / "launch.py"
+    launcher.write_text(TWO_NODES_LAUNCHER.format(root=ROOT, log=str(log)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(launcher), *tiny_args(str(data_dir), tmp_path / "run",
+                                       "--epochs", "1", "--dist-timeout", "2")], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert log.read_text().split() == ["0"]  # rank 1 waited, then read what rank 0 wrote
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1]
+
+
 def test_setup_errors_reach_every_rank(tiny_folder, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
@@ -116,6 +158,28 @@ def test_sigterm_to_one_rank_stops_both_cleanly(tiny_folder, tmp_path):
                          f"python train.py --resume {out}") == 1, err[-3000:]
     assert "exitcode  : 143" in err, err  # each rank exited 128 + SIGTERM
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] < 50
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_goes_on_exactly(tiny_folder, tmp_path):
+    """The same command on the first launch and on torchrun's restart: --resume auto."""
+    args = ["--epochs", "3", "--save-every-steps", "2", "--dist-timeout", "1"]
+    unbroken = tmp_path / "unbroken"
+    assert torchrun(tiny_args(tiny_folder, unbroken, *args)).returncode == 0
+    out = tmp_path / "restarted"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--max-restarts=1", "train.py", *tiny_args(tiny_folder, out, "--resume", "auto", *args)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None and time.time() - t < 120, proc.communicate()
+        time.sleep(0.05)
+    os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)  # no handler, no checkpoint: a node that died
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]  # the rank that lost its peer says so in one line
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]
+    assert untimed(metrics(out)) == untimed(metrics(unbroken))
+    assert_same_weights(weights(out), weights(unbroken))
 
 
 def test_sync_bn_on_two_processes_equals_one_process(tiny_folder, tmp_path):
