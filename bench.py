@@ -38,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from classic import ClassicDataset, reference_step, sgd
 from config import Parser, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
-from hardware import bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, machine_name
+from hardware import (bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, has_tf32,
+                      machine_name)
 from resnet import MODEL_NAMES, build_model
 from train import EpochSums, train_one_epoch
 
@@ -106,7 +107,8 @@ def ours_images_per_s(x, y, arch, width, batch, device, warmup, steps, windows, 
                          train=True, channels_last=channels_last) for n in {warmup, steps}}
 
     def run_steps(n: int) -> None:
-        train_one_epoch(model, loaders[n], opt, sched, crit, EpochSums(device), epoch[0], amp=amp)
+        train_one_epoch(model, loaders[n], opt, sched, crit, EpochSums(device), epoch[0],
+                        amp=torch.bfloat16 if amp else None)
         epoch[0] += 1
 
     if profile:
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     n, reps = (512, 3) if a.quick else (4096 if device.type == "cpu" else 8192, 10)
     # PyTorch runs fp32 convolutions on TF32 tensor cores by default (cudnn.allow_tf32) but fp32 matmuls not: the
     # fp32 peak is measured the way the convolutions run, so MFU compares like with like (and JSON says which).
-    tf32, tf32_before = device.type == "cuda" and torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    tf32, tf32_before = has_tf32(device) and torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:  # for the matmul peaks only: what runs after bench.py in this process keeps its own setting
         peak32 = matmul_peak(device, torch.float32, n, reps)

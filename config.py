@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hardware import bf16_unavailable, compile_unavailable, cuda_index
+from hardware import amp_dtype, compile_unavailable, cuda_index
 from resnet import MODEL_NAMES, is_plain
 
 # The paper's CIFAR schedule (section 4.2): lr 0.1, wd 1e-4, batch 128, /10 at 32k and 48k iterations, stop at
@@ -121,8 +121,13 @@ class Config:
                                         "(one command for the first launch and every restart)")
     eval_only: bool = _process(False, "evaluate the --resume checkpoint on the test set")
     device: str = _process("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    amp: bool = _process(False, "bf16 autocast in training, on CUDA (compute capability >= 8.0) or a CPU with "
-                                "AVX512-BF16 or AMX; weights and BN statistics stay fp32, evaluation is fp32")
+    amp: bool = _process(False, "mixed precision in training (--amp-dtype): bf16 autocast on CUDA (compute "
+                                "capability >= 8.0) or a CPU with AVX512-BF16 or AMX; fp16 autocast with a loss "
+                                "scaler on older CUDA cards (T4, V100); weights and BN statistics stay fp32, "
+                                "evaluation is fp32")
+    amp_dtype: str = _process("auto", "the dtype of --amp: auto (bf16 where the device has it in hardware, else "
+                                      "fp16 on CUDA), bf16, or fp16 (loss-scaled; on a CPU emulated, slow)",
+                              choices=("auto", "bf16", "fp16"))
     channels_last: bool = _process(True, "channels_last memory format (faster on CPU and GPU)")
     compile: bool = _process(False, "torch.compile the training model")
     compile_mode: str | None = _process(None, "torch.compile's mode with --compile: default; reduce-overhead "
@@ -286,6 +291,7 @@ def validate(cfg: Config) -> None:
          f"--warmup-epochs must be in [0, --epochs], got {cfg.warmup_epochs}{origin}")
     need(cfg.save_every_steps >= 0, "--save-every-steps must be >= 0")
     need(cfg.compile_mode is None or cfg.compile or cfg.resume, compile_mode_unused(cfg))  # resumed: the run's
+    need(cfg.amp_dtype == "auto" or cfg.amp or cfg.resume, amp_dtype_unused(cfg))
     need(cfg.warmup_error is None or cfg.warmup == "until-error",
          f"--warmup-error is the threshold of --warmup until-error; this run's warm-up is {cfg.warmup}")
     need(0 < cfg.warmup_error_threshold() < 1, f"--warmup-error must be in (0, 1), got {cfg.warmup_error}")
@@ -307,6 +313,10 @@ def validate(cfg: Config) -> None:
     need(cfg.resume != "auto" or cfg.out, "--resume auto needs --out DIR: the run it starts there, or goes on "
                                           "with where DIR holds one")
     need(cfg.resume != "auto" or not cfg.eval_only, "--eval-only needs a checkpoint, not --resume auto")
+
+
+def amp_dtype_unused(cfg: Config) -> str:
+    return f"--amp-dtype {cfg.amp_dtype} is the dtype of --amp, which this run does not use"
 
 
 def compile_mode_unused(cfg: Config) -> str:
@@ -331,9 +341,9 @@ def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) 
     device cannot use them: turned off, and a note for each. --recipe gpu compiles on CUDA only (a CPU compile
     costs minutes for little gain)."""
     notes, preset = [], RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
-    if preset.get("amp") and "amp" not in explicit and (why := bf16_unavailable(device)):
+    if preset.get("amp") and "amp" not in explicit and amp_dtype(device, cfg.amp_dtype)[0] is None:
         cfg.amp = False
-        notes.append(f"--recipe {cfg.recipe} sets --amp, but {why}: training in fp32")
+        notes.append(f"--recipe {cfg.recipe} sets --amp, but {amp_dtype(device, cfg.amp_dtype)[1]}: training in fp32")
     if preset.get("compile") and not explicit & {"compile", "compile_mode"}:  # a typed mode asks for compile
         why = compile_unavailable(device) or ("" if device.type == "cuda" else "it compiles on CUDA only")
         if why:
@@ -343,16 +353,25 @@ def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) 
     return notes
 
 
-def validate_runtime(cfg: Config, device: torch.device, world: int) -> None:
+def validate_runtime(cfg: Config, device: torch.device, world: int) -> str | None:
+    """The process's flags on this device: a UserError where one cannot work; else the note to print, if any
+    (--amp's dtype resolved in cfg.amp_dtype)."""
     if cfg.sync_bn and world == 1:
         raise UserError("--sync-bn shares BatchNorm statistics across torchrun processes; this run is one "
                         "process")
-    if cfg.amp and (why := bf16_unavailable(device)):
-        raise UserError(f"--amp (bf16 autocast): {why}; train in fp32 without --amp")
     if cfg.compile and (why := compile_unavailable(device)):
         raise UserError(f"--compile: {why}; drop --compile to train without it")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide evenly across {world} processes")
+    if not cfg.amp:
+        if cfg.amp_dtype != "auto":  # a resumed run's --amp comes from its recipe: known only here
+            raise UserError(amp_dtype_unused(cfg))
+        return None
+    dtype, note = amp_dtype(device, cfg.amp_dtype)
+    if dtype is None:
+        raise UserError(f"--amp: {note}; train in fp32 without --amp")
+    cfg.amp_dtype = dtype  # what this run trains in, as config.json records it
+    return note
 
 
 def explicit_flags(argv: list[str]) -> set[str]:

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 import train
-from config import Parser, UserError, parse_config, run_script
+from config import Parser, UserError, parse_config, run_script, validate_runtime
 from data import Cifar, DataError, load_cifar
 from distributed import SyncBatchNorm
-from hardware import bf16_unavailable, compile_unavailable, machine_name
+from hardware import amp_dtype, compile_unavailable, machine_name
 from runs import read_metrics
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -41,13 +41,14 @@ def gpu_tests() -> dict:
 
 def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int = 6) -> dict:
     """Training steps as train.py takes them (its loader, model, fused SGD, lr schedule, loss and epoch sums;
-    bf16 where the GPU has it) with torch.cuda.set_sync_debug_mode("error") from the second step on: an
+    --amp in the dtype train.py picks) with torch.cuda.set_sync_debug_mode("error") from the second step on: an
     operation that makes the host wait for the GPU raises. The epoch's start (its augmentation plan's copy to
     the GPU) and the first step (cuDNN's autotuning, allocations) run before the mode is set."""
     if device.type != "cuda":
         return {"checked": False, "why": "no CUDA: host syncs are a GPU matter"}
     cfg = parse_config(["--subset", str(batch * steps), "--batch-size", str(batch), "--out", "unused",
-                        *([] if bf16_unavailable(device) else ["--amp"])])
+                        *([] if amp_dtype(device)[0] is None else ["--amp"])])
+    validate_runtime(cfg, device, 1)  # --amp's dtype, by train.py's rule
     loader = train.make_loaders(cfg, data, device, 0, 1).train
     state = train.new_state(cfg, data, loader, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -58,7 +59,7 @@ def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int =
 
     try:
         train.train_one_epoch(state.model, loader, state.optimizer, state.scheduler, criterion, state.sums, 0,
-                              amp=cfg.amp, after_step=error_from_step_2)
+                              amp=state.autocast(), scaler=state.scaler, after_step=error_from_step_2)
         return {"checked": True, "steps": len(loader) - 1, "syncs": 0}
     except RuntimeError as e:
         return {"checked": True, "steps": len(loader) - 1, "syncs": 1, "error": str(e).splitlines()[0]}
@@ -74,7 +75,7 @@ def recipe_variants(device: torch.device, toy: bool) -> list[tuple[str, list[str
     size = ["--subset", "TOY", "--epochs", "1", "--width", "4", "--arch", "resnet20"] if toy else ["--epochs", "2"]
     gpu = ["--recipe", "gpu", "--warmup-epochs", "0.5" if toy else "1", *(["--batch-size", "64"] if toy else [])]
     variants = [("default", size)]
-    if not bf16_unavailable(device):
+    if amp_dtype(device)[0] is not None:  # train.py's rule: bf16 where the device has it, else fp16 on CUDA
         variants.append(("amp", [*size, "--amp"]))
         if not compile_unavailable(device) and not toy:
             variants.append(("amp-compile", [*size, "--amp", "--compile"]))

@@ -38,6 +38,32 @@ def bf16_unavailable(device: torch.device) -> str | None:
     return "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32"
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(device: torch.device, asked: str = "auto") -> tuple[str | None, str | None]:
+    """The autocast dtype --amp trains in on `device` ("bf16" or "fp16") and a note to print, or (None, why not).
+    auto: bf16 where the device has it in hardware; fp16 with a loss scaler on a CUDA card without it but with
+    tensor cores (compute capability 7.x: T4, V100); nothing on a CPU without bf16 units. An explicit dtype
+    wins: fp16 on a CPU runs emulated (slower than fp32), with a note."""
+    if asked == "bf16" or asked == "auto" and not bf16_unavailable(device):
+        return (None, bf16_unavailable(device)) if bf16_unavailable(device) else ("bf16", None)
+    if device.type == "cpu":
+        if asked == "fp16":
+            return "fp16", "--amp-dtype fp16 on a CPU: its fp16 arithmetic is emulated, slower than fp32"
+        return None, bf16_unavailable(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    if asked == "auto" and major < 7:
+        return None, (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has neither bf16 "
+                      "arithmetic nor fp16 tensor cores")
+    return "fp16", None
+
+
+def has_tf32(device: torch.device) -> bool:
+    """Whether fp32 convolutions and matmuls may run on TF32 tensor cores here (CUDA, compute capability 8.0+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def cuda_index(local_rank: int) -> int:
     """The GPU a process of this node drives: its local rank, where it sees every GPU of the node; 0, where it
     sees one (a launcher that sets CUDA_VISIBLE_DEVICES per process). ValueError when it sees several, but

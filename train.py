@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, NamedTuple
 
@@ -32,7 +33,7 @@ from config import (Config, UserError, explicit_flags, fit_recipe_to_device, par
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import (SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, share,
                          shared_signal)
-from hardware import channels_last_fault, configure_backends, strict_fp32
+from hardware import AMP_DTYPES, channels_last_fault, configure_backends, strict_fp32
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
 from runs import (CheckpointError, append_metrics, format_row, load_weights, make_run_dir, model_from_checkpoint,
@@ -79,6 +80,7 @@ class EpochSums:
     def __init__(self, device: torch.device | str):
         self.loss_sum, self.correct, self.count = (torch.zeros((), device=device) for _ in self.NAMES)
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int32)
+        self.skipped = torch.zeros((), device=device, dtype=torch.int32)  # fp16 steps the loss scaler skipped
         self.started = time.time()  # when the epoch began, less the seconds it trained before a resume
         self.untimed = 0.0  # images of this epoch trained for an unknown time (all ranks': loaded on rank 0)
         self.compile_s = 0.0  # seconds of this epoch spent compiling (--compile), kept out of its time
@@ -95,25 +97,26 @@ class EpochSums:
 
     def zero_(self) -> None:
         """A new epoch: zero sums, and its clock starts now."""
-        for t in (self.loss_sum, self.correct, self.count, self.nonfinite):
+        for t in (self.loss_sum, self.correct, self.count, self.nonfinite, self.skipped):
             t.zero_()
         self.started, self.untimed, self.compile_s = time.time(), 0.0, 0.0
 
     def load(self, partial: dict) -> None:
         for name in self.NAMES:
             getattr(self, name).copy_(partial[name])
+        self.skipped.fill_(int(partial.get("skipped", 0)))
         self.started = time.time() - float(partial.get("seconds", 0.0))
         self.untimed = float(partial.get("untimed", partial["count"] if "seconds" not in partial else 0.0))
 
     def reduced(self, world: int) -> dict[str, torch.Tensor]:
         """The sums over every rank, as CPU tensors (under DDP a collective: every rank calls it), and this
-        rank's seconds into the epoch."""
+        rank's seconds into the epoch and skipped steps (every rank skips the same: the gradients are shared)."""
         sums = torch.stack([getattr(self, name) for name in self.NAMES])
         if world > 1:
             dist.all_reduce(sums)
         return {**{name: v.clone() for name, v in zip(self.NAMES, sums.cpu())},
                 "seconds": torch.tensor(self.seconds(), dtype=torch.float64),
-                "untimed": torch.tensor(self.untimed, dtype=torch.float64)}
+                "untimed": torch.tensor(self.untimed, dtype=torch.float64), "skipped": self.skipped.cpu()}
 
     def check_finite(self, world: int, where: str) -> None:
         bad = self.nonfinite.clone()
@@ -175,20 +178,30 @@ class ErrorWarmup:
 
 
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
-                    sums: EpochSums, epoch: int, start: int = 0, *, amp: bool = False,
+                    sums: EpochSums, epoch: int, start: int = 0, *, amp: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
                     after_step: Callable[[int], None] = lambda step: None, warmup: ErrorWarmup | None = None) \
         -> None:
-    """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). after_step(step) runs
-    after each step: train.py's checks, progress, checkpoints and stops (StepPolicy). warmup: --warmup
-    until-error's test, which may end the warm-up before the scheduler sets the next step's lr."""
+    """Steps start+1..len(loader) of `epoch`, adding into sums (no host sync here). amp: the autocast dtype
+    (None: fp32); scaler: fp16's loss scaler. after_step(step) runs after each step: train.py's checks,
+    progress, checkpoints and stops (StepPolicy). warmup: --warmup until-error's test, which may end the
+    warm-up before the scheduler sets the next step's lr."""
     model.train()
     for step, (x, y) in enumerate(loader.batches(epoch, start), start=start + 1):  # 1-based in the epoch
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(loader.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             logits = model(x)  # (b, num_classes)
         loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: the loss scaled so small gradients survive; a step whose gradients overflow is skipped
+            scaled = scaler.scale(loss)
+            before = scaler._scale.clone()  # the scale is lowered exactly when a step is skipped: no host sync
+            scaled.backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums.skipped += (scaler._scale < before).int()
         if warmup is not None:
             warmup.add(logits, y, step, len(loader), epoch * len(loader) + step)
         scheduler.step()
@@ -329,6 +342,11 @@ class TrainState:
     step: int = 0  # steps done in the epoch after them
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
     warmup: ErrorWarmup | None = None  # with --warmup until-error
+    scaler: torch.amp.GradScaler | None = None  # with --amp in fp16
+
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the training steps compute in under autocast; None: fp32."""
+        return AMP_DTYPES[self.cfg.amp_dtype] if self.cfg.amp else None
 
 
 def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.device) -> TrainState:
@@ -347,7 +365,12 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
                          device, train_loader.world) if cfg.warmup == "until-error" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, steps_per_epoch, cfg, warmup.end if warmup is not None else None))
-    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), warmup=warmup)
+    scaler = None
+    if cfg.amp and cfg.amp_dtype == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+        # a step the scaler skips still moves the schedule on (the lr is a function of the global step)
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), warmup=warmup, scaler=scaler)
 
 
 def model_kwargs(cfg: Config, num_classes: int) -> dict:
@@ -360,11 +383,13 @@ def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | No
     return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
             "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
             "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds", "untimed")},
+            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds", "untimed",
+                                                                       "skipped")},
             "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
             "normalization": state.model.normalization,  # the mean/std the net was fed
             "rng": {"torch": torch.get_rng_state()},
-            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {})}
+            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {}),
+            **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {})}
 
 
 def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
@@ -379,6 +404,8 @@ def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
         state.sums.load(ckpt["partial"])
     if state.warmup is not None:
         state.warmup.load_state_dict(ckpt["warmup"], ckpt["partial"].get("warmup_window") if rank == 0 else None)
+    if state.scaler is not None and "scaler" in ckpt:  # else a run that trained in bf16 or fp32 so far
+        state.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
 
 
@@ -531,7 +558,8 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     for note in fit_recipe_to_device(cfg, device, explicit):
         if rank == 0:
             print(f"train.py: note: {note}", file=sys.stderr)
-    validate_runtime(cfg, device, world)
+    if (note := validate_runtime(cfg, device, world)) and rank == 0:
+        print(f"train.py: note: {note}", file=sys.stderr)
     if rank == 0 and world > 1 and cfg.batch_size // world < SMALL_LOCAL_BATCH:
         print(f"train.py: note: --batch-size {cfg.batch_size} over {world} processes is {cfg.batch_size // world} "
               f"images each, and BatchNorm normalises over each process's own (--sync-bn: over all of them; a "
@@ -586,7 +614,8 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
             train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
-                            epoch, state.step, amp=cfg.amp, after_step=policy, warmup=state.warmup)
+                            epoch, state.step, amp=state.autocast(), scaler=state.scaler, after_step=policy,
+                            warmup=state.warmup)
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
@@ -617,6 +646,8 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
     if state.sums.compile_s:
         row["compile_s"] = round(state.sums.compile_s, 3)
+    if state.scaler is not None:  # fp16: steps skipped for overflowing gradients, and the scale at the epoch's end
+        row.update(skipped_steps=int(sums["skipped"]), loss_scale=state.scaler.get_scale())
     if state.warmup is not None and state.warmup.end is not None:  # --warmup until-error: when and why it ended
         row.update(warmup_end_step=state.warmup.end, warmup_end_error=state.warmup.error)
     if evaluate_now:

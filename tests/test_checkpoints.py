@@ -176,6 +176,8 @@ def test_a_run_written_by_the_old_code_loads_and_resumes(tiny_folder, tmp_path):
     straight = tmp_path / "straight"
     train.main(tiny_args(tiny_folder, straight, "--val-split", "40"))
     for a, b in zip(untimed(rows), untimed(metrics(straight)), strict=True):
+        if a["epoch"] == 1:  # written by the old code, which logged as lr the next epoch's rate
+            a, b = {k: v for k, v in a.items() if k != "lr"}, {k: v for k, v in b.items() if k != "lr"}
         assert a == pytest.approx(b, rel=0.01, abs=0.03)  # 0.03: one of the 40 validation images
     a, b = (torch.cat([w.flatten().float() for w in weights(r).values()]) for r in (run, straight))
     assert (a - b).norm() <= 0.01 * b.norm()  # every weight and BN statistic, within 1% in norm

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from hardware import amp_dtype
 from conftest import ROOT, assert_same_weights, interrupt_at, metrics, untimed, weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,7 +36,7 @@ def all_tensors(obj):
 
 
 def test_gpu_checkpoint_loads_and_evaluates_on_cpu(tiny_folder, tmp_path):
-    amp = ["--amp"] if torch.cuda.is_bf16_supported() else []
+    amp = ["--amp"] if amp_dtype(torch.device("cuda"))[0] else []  # train.py's rule: bf16, or fp16 on a T4 or V100
     out = tmp_path / "r"
     train.main(gpu_args(tiny_folder, out, *amp))
     ckpt = torch.load(out / "last.pt", weights_only=True)  # no map_location: a CPU-only machine does this

@@ -30,6 +30,7 @@ def run_main_expect_exit(args: list[str], capsys) -> tuple[int, str]:
 
 
 BAD_FLAGS = [
+    (["--amp-dtype", "fp16"], "--amp-dtype fp16 is the dtype of --amp, which this run does not use"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--lr", "0"], "--lr must be positive"),
@@ -76,23 +77,28 @@ def test_amp_is_refused_on_a_cpu_without_bf16(tiny_folder, tmp_path, capsys, mon
         else:
             monkeypatch.delattr(torch.cpu, probe, raising=False)
     code, err = run_main_expect_exit(tiny_args(tiny_folder, tmp_path / "r", "--amp"), capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "--amp (bf16 autocast): this CPU has no bf16" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "--amp: this CPU has no bf16" in err, err
     assert not any((tmp_path / "r").iterdir())  # nothing written: the same command runs once --amp is dropped
     assert not any(unit in hardware.machine_name(torch.device("cpu")) for unit in ("BF16", "AMX"))
 
 
-@pytest.mark.parametrize("capability, name, refused", [((7, 0), "Tesla V100", True), ((7, 5), "Tesla T4", True),
-                                                       ((8, 0), "A100", False), ((9, 0), "H100", False)])
-def test_amp_on_cuda_needs_bf16_in_hardware_not_emulated(monkeypatch, capability, name, refused):
-    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 too (it counts emulation): the check reads the
-    compute capability instead."""
+@pytest.mark.parametrize("capability, name, dtype", [((6, 0), "Tesla P100", None), ((7, 0), "Tesla V100", "fp16"),
+                                                     ((7, 5), "Tesla T4", "fp16"), ((8, 0), "A100", "bf16"),
+                                                     ((9, 0), "H100", "bf16")])
+def test_amp_on_cuda_is_bf16_in_hardware_else_fp16_on_tensor_cores(monkeypatch, capability, name, dtype):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4 too (it counts emulation): the rule reads the
+    compute capability instead, and gives those cards fp16 with a loss scaler."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    why = hardware.bf16_unavailable(torch.device("cuda", 0))
-    assert (why is not None) == refused
-    if refused:
+    cuda = torch.device("cuda", 0)
+    assert hardware.amp_dtype(cuda)[0] == dtype
+    assert (hardware.bf16_unavailable(cuda) is None) == (dtype == "bf16")
+    if dtype != "bf16":  # asked for by name: refused in one line, whatever auto would pick
+        why = hardware.amp_dtype(cuda, "bf16")[1]
         assert f"{name} (compute capability {capability[0]}.{capability[1]}) has no bf16 arithmetic" in why
+    assert hardware.amp_dtype(cuda, "fp16") == ("fp16", None)
+    assert hardware.has_tf32(cuda) == (capability[0] >= 8)  # bench.py says TF32 only there
 
 
 def test_device_cuda_without_cuda(tiny_folder, tmp_path, capsys):

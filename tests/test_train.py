@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -127,7 +128,7 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule, cfg.amp, cfg.compile) == (32, 512, 0.8, "linear",
                                                                                         True, True)
     cpu = torch.device("cpu")
-    monkeypatch.setattr(config, "bf16_unavailable", lambda device: None)
+    monkeypatch.setattr(config, "amp_dtype", lambda device, asked="auto": ("bf16", None))
     assert config.fit_recipe_to_device(cfg, cpu, set()) == [
         "--recipe gpu sets --compile, but it compiles on CUDA only: training uncompiled (--compile forces it)"]
     assert cfg.amp and not cfg.compile
@@ -136,7 +137,7 @@ def test_gpu_recipe_fits_its_amp_and_compile_to_the_device_and_says_so(tiny_fold
     mode = train.parse_config(["--recipe", "gpu", "--compile-mode", "max-autotune", "--out", "x"])
     assert config.fit_recipe_to_device(mode, cpu, {"recipe", "compile_mode"}) == [] and mode.compile  # asks for it
 
-    monkeypatch.setattr(config, "bf16_unavailable", lambda device: "no bf16 here")
+    monkeypatch.setattr(config, "amp_dtype", lambda device, asked="auto": (None, "no bf16 here"))
     out = tmp_path / "r"
     small = ("--recipe", "gpu", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "1")
     train.main(tiny_args(tiny_folder, out, *small))
@@ -332,8 +333,8 @@ def test_error_keyed_warmup_in_a_run(tiny_folder, tmp_path, threshold, ends):
     first_logged = 0 if ends == 6 else 1  # the epoch in which it ended
     assert [r.get("warmup_end_step") for r in rows][first_logged:] == [ends] * (3 - first_logged)
     assert all("warmup_end_step" not in r for r in rows[:first_logged])
-    assert (rows[0]["lr"] == pytest.approx(0.1 * 0.1)) == (ends > 6)  # lr of the step after epoch 1
-    assert rows[1]["lr"] == pytest.approx(0.1 * (18 - 12) / (18 - ends))  # linear from the end step to 0
+    assert rows[0]["lr"] == pytest.approx(0.1 * 0.1)  # the rate of epoch 1's last step: still warming up
+    assert rows[1]["lr"] == pytest.approx(0.1 * (18 - 11) / (18 - ends))  # linear from the end step to 0
     assert (rows[-1]["warmup_end_error"] is None) == (ends == 9)
 
 
@@ -399,3 +400,41 @@ def test_compile_time_is_kept_out_of_the_epochs_figures(tiny_folder, tmp_path, m
     first, second = metrics(tmp_path / "r")
     assert first["compile_s"] >= 5 and first["epoch_time_s"] < 5 and "compile_s" not in second
     assert modes == ["reduce-overhead"]
+
+
+# ---- fp16 with a loss scaler: what a T4 or V100 trains in under --amp, run on the CPU (emulated) to test it
+
+
+@pytest.fixture
+def overflowing_scaler(monkeypatch):
+    """A loss scaler that starts at 2**28: fp16 gradients overflow until it has halved itself far enough."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 28))
+
+
+def test_fp16_on_a_cpu_trains_with_a_note_and_skips_overflowing_steps(tiny_folder, tmp_path, capsys,
+                                                                      overflowing_scaler):
+    out = tmp_path / "r"
+    train.main(tiny_args(tiny_folder, out, "--amp", "--amp-dtype", "fp16"))
+    assert "train.py: note: --amp-dtype fp16 on a CPU: its fp16 arithmetic is emulated" in capsys.readouterr().err
+    rows = metrics(out)
+    skipped = sum(r["skipped_steps"] for r in rows)
+    # each overflow halves the scale (no growth before 2,000 clean steps): the count follows from the last scale
+    assert 0 < skipped < 2 * 6 and 2.0 ** (28 - skipped) == rows[-1]["loss_scale"]  # 6 steps an epoch: it trained
+    assert all(torch.isfinite(w).all() for w in weights(out).values())
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == rows[-1]["loss_scale"] and ckpt["config"]["amp_dtype"] == "fp16"
+
+
+def test_fp16_resumes_exactly_with_its_loss_scale(tiny_folder, tmp_path, monkeypatch, overflowing_scaler):
+    args = ("--amp", "--amp-dtype", "fp16", "--epochs", "3")
+    straight = tmp_path / "straight"
+    train.main(tiny_args(tiny_folder, straight, *args))
+    broken = tmp_path / "broken"
+    with monkeypatch.context() as m:
+        interrupt_at(m, "batches", 0, 3)  # inside the first epoch, while steps are still being skipped
+        with pytest.raises(SystemExit):
+            train.main(tiny_args(tiny_folder, broken, *args))
+    assert 0 < torch.load(broken / "last.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 28
+    train.main(["--resume", str(broken), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu", *args[:3]])
+    assert untimed(metrics(broken)) == untimed(metrics(straight))
+    assert_same_weights(weights(broken), weights(straight))
