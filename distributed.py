@@ -8,6 +8,7 @@ unconditionally.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from datetime import timedelta
 
@@ -102,6 +103,26 @@ def attempt(step, *errors: type[Exception]) -> tuple[object, str | None]:
         return step(), None
     except errors as e:
         return None, str(e)
+
+
+def slurm_requeue() -> str | None:
+    """Inside a Slurm job (SLURM_JOB_ID set), put it back in the queue: `scontrol requeue`, as PyTorch
+    Lightning's SLURMEnvironment(auto_requeue=True) does when Slurm warns a job (`--signal=USR1@90`) that it is
+    about to be stopped. The requeued job runs the same script again, which goes on with `--resume auto`. The
+    line to print; None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):  # an array task
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not requeue Slurm job {job} ({type(e).__name__}): submit the same script again"
+    if r.returncode:
+        why = (r.stderr.strip().splitlines() or ["no reason given"])[0]
+        return f"scontrol requeue {job} failed ({why}; was it submitted with --requeue?): submit the same script again"
+    return f"Slurm job {job} requeued: it goes on from the checkpoint when it runs again"
 
 
 def share(obj, world: int):

@@ -32,7 +32,7 @@ from config import (Config, UserError, explicit_flags, fit_recipe_to_device, par
                     validate_runtime)
 from data import Cifar, DataError, Loader, load_cifar, split_indices
 from distributed import (SetupError, agree, attempt, broadcast_buffers, convert_sync_batchnorm, share,
-                         shared_signal)
+                         shared_signal, slurm_requeue)
 from hardware import AMP_DTYPES, channels_last_fault, configure_backends, strict_fp32
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
@@ -586,6 +586,8 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
             who = "" if world == 1 else f" (rank {rank})"
             print(f"train.py: stopped by {signal.Signals(stop.signum).name}{who}; checkpoint saved, resume "
                   f"with: python train.py --resume {cfg.out}", file=sys.stderr)
+            if rank == 0 and stop.signum == signal.SIGUSR1 and (line := slurm_requeue()):  # Slurm's warning
+                print(f"train.py: {line}", file=sys.stderr, flush=True)
             raise SystemExit(128 + stop.signum)
         except NonFiniteLoss as e:
             last = os.path.join(cfg.out, "last.pt")
