@@ -29,7 +29,7 @@ from torch import nn
 
 import train
 from basic_block import BasicBlock
-from config import Parser, UserError, parse_config, run_script
+from config import Parser, UserError, parse_config, resolve_device, run_script
 from data import DataError, load_cifar
 from hardware import compile_unavailable
 from resnet import build_model, count_parameters, is_plain, model_depth
@@ -412,11 +412,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.report:
         refuse_unused(p, args, "--report", ("jobs", "compile", "device"))
+    try:
+        device = resolve_device(args.device or "auto")
+    except UserError as e:
+        p.exit(2, f"ablate.py: error: {e}\n")
     if args.jobs is None:
-        args.jobs = 1 if args.device != "cpu" and torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+        args.jobs = 1 if device.type == "cuda" else min(2, os.cpu_count() or 1)
     if args.jobs < 1:
         p.exit(2, f"ablate.py: error: --jobs must be at least 1, got {args.jobs}\n")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.compile and not args.report and (why := compile_unavailable(device)):
         p.exit(2, f"ablate.py: error: --compile: {why}\n")
     archs, recipe, out = open_grid(p, args, recipe)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classic import ClassicDataset, reference_step, sgd
-from config import Parser, run_script
+from config import Parser, UserError, resolve_device, run_script
 from data import DataError, Loader, load_cifar, load_cifar10
 from hardware import (bf16_unavailable, channels_last_fault, compile_unavailable, configure_backends, has_tf32,
                       machine_name)
@@ -205,10 +205,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
         p.error(f"--quick sets its own tiny batch, windows and rounds; {', '.join(overridden)} would change nothing")
     if min(a.width, a.batch_size, a.windows, a.steps, a.rounds) < 1:
         p.error("--width, --batch-size, --windows, --steps and --rounds must be at least 1")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    try:
+        device = resolve_device(a.device)
+    except UserError as e:
+        p.error(str(e))
     if a.compile and (why := compile_unavailable(device)):
         p.error(f"--compile: {why}")
     return a, device

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hardware import cuda_index
+from config import resolve_device
 
 
 class SetupError(Exception):
@@ -31,12 +31,10 @@ def setup(device_flag: str, timeout_min: float = 30.0) -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device_flag != "cpu" and torch.cuda.is_available() else "gloo"
+    device = resolve_device(device_flag, local)  # before the process group: every rank sees the same, says it
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
-        try:
-            torch.cuda.set_device(cuda_index(local))
-        except ValueError as e:  # before the process group: every rank sees the same, and says it
-            raise SystemExit(f"train.py: error: {e}") from None
+        torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
     except (RuntimeError, ValueError) as e:  # DistBackendError, DistNetworkError, a rendezvous timeout...

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import train
-from config import Parser, UserError, parse_config, run_script, validate_runtime
+from config import Parser, UserError, parse_config, resolve_device, run_script, validate_runtime
 from data import Cifar, DataError, load_cifar
 from distributed import SyncBatchNorm
 from hardware import amp_dtype, compile_unavailable, machine_name
@@ -58,7 +58,7 @@ def host_syncs(device: torch.device, data: Cifar, batch: int = 128, steps: int =
             torch.cuda.set_sync_debug_mode("error")
 
     try:
-        train.train_one_epoch(state.model, loader, state.optimizer, state.scheduler, criterion, state.sums, 0,
+        train.train_one_epoch(state.model, loader, state.optimizer, state.schedule, criterion, state.sums, 0,
                               amp=state.autocast(), scaler=state.scaler, after_step=error_from_step_2)
         return {"checked": True, "steps": len(loader) - 1, "syncs": 0}
     except RuntimeError as e:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default="./data", help="the data (as train.py)")
     p.add_argument("--out", default="gpu-check", help="where the runs and the report go")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     toy = device.type != "cuda"
     os.makedirs(args.out, exist_ok=True)
     data = load_cifar(args.data_dir)  # a missing data dir is one line now, not after the tests

@@ -9,7 +9,9 @@ and classic.py read. One owner for the format.
 A checkpoint is a dict of plain values and CPU tensors, read with torch.load(weights_only=True): arch,
 model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its position), partial (the
 epoch's running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std)
-and rng; with --warmup until-error also warmup (its end step). Runs of the retired --ema lever also hold ema,
+and rng; with --warmup until-error also warmup (its end step, and a mid-epoch checkpoint's partial holds the
+warm-up's window); with --amp in fp16 also scaler (the loss scaler's state). training_checkpoint writes it and
+restore_training reads it back; read_checkpoint checks any file before either. Runs of the retired --ema lever also hold ema,
 the averaged weights, which are their trained model (what was evaluated, and what load_model and export_weights
 take). Older checkpoints without normalization were all trained on CIFAR-10's.
 """
@@ -128,6 +130,49 @@ def load_weights(model: nn.Module, ckpt: dict, path: str = "checkpoint", key: st
     except RuntimeError:
         raise CheckpointError(f"{path}: its weights do not fit {ckpt['arch']} (another architecture or "
                               "width?)") from None
+
+
+# ---------------------------------------------------------------------------------- a training run's checkpoint
+
+PARTIAL_KEYS = ("loss_sum", "correct", "count", "seconds", "untimed", "skipped")  # an epoch's sums so far
+
+
+def model_kwargs(cfg, num_classes: int) -> dict:
+    """build_model's arguments besides the arch, as a checkpoint records them."""
+    return {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}
+
+
+def training_checkpoint(state, epoch: int, step: int, partial: dict | None = None) -> dict:
+    """The checkpoint of train.py's TrainState after `step` steps of epoch `epoch` (0: at its start), in the format
+    this module documents. partial: the epoch's sums so far (a mid-epoch checkpoint); zeros at an epoch's end. CPU
+    tensors: one written on a GPU loads anywhere."""
+    cfg = state.cfg
+    return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
+            "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
+            **state.schedule.state_dict(), "epoch": epoch, "step": step,
+            "partial": partial or {name: torch.zeros(()) for name in PARTIAL_KEYS},
+            "best_val_acc": state.best_val, "classes": state.classes, "config": dataclasses.asdict(cfg),
+            "normalization": state.model.normalization,  # the mean/std the net was fed
+            "rng": {"torch": torch.get_rng_state()},
+            **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {})}
+
+
+def restore_training(state, ckpt: dict, path: str, rank: int) -> None:
+    """training_checkpoint's inverse, into a fresh TrainState built for this device: weights, optimizer (with
+    this device's SGD kernel, not the saved one), schedule, position, best validation accuracy, loss scale and
+    random state. The epoch's saved sums are already every rank's: rank 0 alone carries them on."""
+    load_weights(state.model, ckpt, path)
+    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in state.optimizer.param_groups]
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, kernel in zip(state.optimizer.param_groups, kernels):
+        group.update(kernel)
+    state.schedule.load_state_dict(ckpt, ckpt["partial"] if rank == 0 else None)
+    state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
+    if rank == 0:
+        state.sums.load(ckpt["partial"])
+    if state.scaler is not None and "scaler" in ckpt:  # else a run that trained in bf16 or fp32 so far
+        state.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> ResNet:

@@ -36,8 +36,10 @@ from distributed import (SetupError, agree, attempt, broadcast_buffers, convert_
 from hardware import AMP_DTYPES, channels_last_fault, configure_backends, strict_fp32
 from plot_curves import plot_model_pictures, plot_runs
 from resnet import build_model
-from runs import (CheckpointError, append_metrics, format_row, load_weights, make_run_dir, model_from_checkpoint,
-                  read_checkpoint, read_metrics, restart_point, run_info, save_atomic, start_files, to_cpu)
+from runs import (CheckpointError, append_metrics, format_row, make_run_dir, model_from_checkpoint, model_kwargs,
+                  read_checkpoint, read_metrics, restart_point, restore_training, run_info, save_atomic, start_files,
+                  training_checkpoint)
+from schedule import ErrorWarmup, Schedule
 
 SMALL_LOCAL_BATCH = 32  # fewer images per process than this under torchrun: a note (BatchNorm over few images)
 EVAL_BATCH = 500  # test and validation images per forward pass (no gradients: larger than the training batch)
@@ -49,20 +51,6 @@ class NonFiniteLoss(Exception):
 
 class Interrupted(Exception):
     pass
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg: Config, warmup_end: int | None = None) -> float:
-    """LR multiplier as a function of the global step: warm-up, then x gamma at each milestone (epochs) or a
-    linear decay that reaches 0 after the last step. warmup_end: the step at which --warmup until-error ended
-    (None while it runs: it lasts --warmup-epochs at the longest); the schedule then runs as if the warm-up had
-    been set to that length."""
-    t = step / steps_per_epoch  # epochs done, fractional
-    warmup = cfg.warmup_length() if warmup_end is None else warmup_end / steps_per_epoch
-    if t < warmup:
-        return (step + 1) / (warmup * steps_per_epoch) if cfg.warmup == "linear" else 0.1
-    if cfg.schedule == "linear":
-        return max(0.0, (cfg.epochs - t) / (cfg.epochs - warmup))
-    return cfg.gamma ** sum(t >= m for m in cfg.milestone_epochs())
 
 
 # ----------------------------------------------------------------------------------------------- one epoch
@@ -126,58 +114,7 @@ class EpochSums:
             raise NonFiniteLoss(f"loss became non-finite in {where}")
 
 
-class ErrorWarmup:
-    """--warmup until-error, the paper's rule for its 110-layer nets (section 4.2: "0.01 until the training error
-    is below 80%, then back to 0.1"): the lr stays at 0.1x --lr until the training error over the batches of the
-    last WINDOW steps, all processes' together, falls below --warmup-error; the schedule then starts at the next
-    step. At --warmup-epochs it ends whatever the error: a net that does not learn is not kept at the low rate
-    for the whole run. The error is tested every WINDOW steps of an epoch and at its last step (a host sync,
-    only while the warm-up lasts), so no window spans two epochs; `end`, the global step the schedule starts
-    at, is part of every checkpoint, and so is a window's partial sums in a mid-epoch one."""
-
-    WINDOW = 20
-
-    def __init__(self, threshold: float, longest: int, device: torch.device | str, world: int):
-        self.threshold, self.longest, self.world = threshold, longest, world  # longest: in global steps
-        self.sums = torch.zeros(2, device=device)  # the window's correct predictions, images
-        self.end: int | None = None  # the global step the schedule starts at; None while warming up
-        self.error: float | None = None  # the window's error that ended it (None: it ran to its longest)
-
-    @torch.no_grad()
-    def add(self, logits: torch.Tensor, y: torch.Tensor, step: int, steps: int, global_step: int) -> None:
-        """After optimizer step `step` of `steps` in the epoch (1-based), `global_step` steps in all, before
-        the scheduler sets the next step's lr."""
-        if self.end is not None:
-            return
-        if global_step >= self.longest:
-            self.end = self.longest
-            return
-        self.sums += torch.stack([(logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)])
-        if step % self.WINDOW and step != steps:
-            return
-        correct, count = self.reduced(self.world).tolist()
-        self.sums.zero_()
-        if 1 - correct / count < self.threshold:
-            self.end, self.error = global_step, 1 - correct / count
-
-    def reduced(self, world: int) -> torch.Tensor:
-        """The window's sums over every rank, on the CPU (under DDP a collective: every rank calls it)."""
-        sums = self.sums.clone()
-        if world > 1:
-            dist.all_reduce(sums)
-        return sums.cpu()
-
-    def state_dict(self) -> dict:
-        return {"end": -1 if self.end is None else self.end, "error": -1.0 if self.error is None else self.error}
-
-    def load_state_dict(self, saved: dict, window: torch.Tensor | None) -> None:
-        """saved: state_dict()'s; window: the partial sums of a mid-epoch checkpoint (all ranks', loaded on one)."""
-        self.end = None if saved["end"] < 0 else int(saved["end"])
-        self.error = None if saved["error"] < 0 else float(saved["error"])
-        self.sums.copy_(window if window is not None else torch.zeros(2))
-
-
-def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler, criterion,
+def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, schedule, criterion,
                     sums: EpochSums, epoch: int, start: int = 0, *, amp: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None,
                     after_step: Callable[[int], None] = lambda step: None, warmup: ErrorWarmup | None = None) \
@@ -204,7 +141,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
             sums.skipped += (scaler._scale < before).int()
         if warmup is not None:
             warmup.add(logits, y, step, len(loader), epoch * len(loader) + step)
-        scheduler.step()
+        schedule.step()
         sums.add(loss, logits, y)
         after_step(step)
 
@@ -336,12 +273,11 @@ class TrainState:
     classes: list[str]
     model: nn.Module  # unwrapped (no DDP, no compile): the module saved and evaluated
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
     sums: EpochSums
     epoch: int = 0  # epochs done
     step: int = 0  # steps done in the epoch after them
     best_val: float = -1.0  # best validation accuracy so far (-1: none yet)
-    warmup: ErrorWarmup | None = None  # with --warmup until-error
     scaler: torch.amp.GradScaler | None = None  # with --amp in fp16
 
     def autocast(self) -> torch.dtype | None:
@@ -360,62 +296,20 @@ def new_state(cfg: Config, data: Cifar, train_loader: Loader, device: torch.devi
     # on CUDA one fused kernel updates every parameter (the default, foreach, launches several per step)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, fused=True if device.type == "cuda" else None)
-    steps_per_epoch = len(train_loader)
-    warmup = ErrorWarmup(cfg.warmup_error_threshold(), max(1, round(cfg.warmup_length() * steps_per_epoch)),
-                         device, train_loader.world) if cfg.warmup == "until-error" else None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, steps_per_epoch, cfg, warmup.end if warmup is not None else None))
+    schedule = Schedule(cfg, optimizer, len(train_loader), device, train_loader.world)
     scaler = None
     if cfg.amp and cfg.amp_dtype == "fp16":
         scaler = torch.amp.GradScaler(device.type)
         # a step the scaler skips still moves the schedule on (the lr is a function of the global step)
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-    return TrainState(cfg, classes, model, optimizer, scheduler, EpochSums(device), warmup=warmup, scaler=scaler)
-
-
-def model_kwargs(cfg: Config, num_classes: int) -> dict:
-    return {"num_classes": num_classes, "width": cfg.width, "zero_init_residual": cfg.zero_init_residual}
-
-
-def make_checkpoint(state: TrainState, epoch: int, step: int, partial: dict | None = None) -> dict:
-    """The checkpoint format runs.py documents. CPU tensors: one written on a GPU loads anywhere."""
-    cfg = state.cfg
-    return {"arch": cfg.arch, "model_kwargs": model_kwargs(cfg, len(state.classes)),
-            "model": to_cpu(state.model.state_dict()), "optimizer": to_cpu(state.optimizer.state_dict()),
-            "scheduler": state.scheduler.state_dict(), "epoch": epoch, "step": step,
-            "partial": partial or {name: torch.zeros(()) for name in (*EpochSums.NAMES, "seconds", "untimed",
-                                                                       "skipped")},
-            "best_val_acc": state.best_val, "classes": state.classes, "config": asdict(cfg),
-            "normalization": state.model.normalization,  # the mean/std the net was fed
-            "rng": {"torch": torch.get_rng_state()},
-            **({"warmup": state.warmup.state_dict()} if state.warmup is not None else {}),
-            **({"scaler": state.scaler.state_dict()} if state.scaler is not None else {})}
-
-
-def restore(state: TrainState, ckpt: dict, path: str, rank: int) -> None:
-    load_weights(state.model, ckpt, path)
-    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in state.optimizer.param_groups]
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    for group, kernel in zip(state.optimizer.param_groups, kernels):  # this device's SGD kernel, not the saved one
-        group.update(kernel)
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.epoch, state.step, state.best_val = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
-    if rank == 0:  # the saved partial sums are already global: one rank carries them on
-        state.sums.load(ckpt["partial"])
-    if state.warmup is not None:
-        state.warmup.load_state_dict(ckpt["warmup"], ckpt["partial"].get("warmup_window") if rank == 0 else None)
-    if state.scaler is not None and "scaler" in ckpt:  # else a run that trained in bf16 or fp32 so far
-        state.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    return TrainState(cfg, classes, model, optimizer, schedule, EpochSums(device), scaler=scaler)
 
 
 def save_mid_epoch(state: TrainState, epoch: int, step: int, rank: int, world: int) -> None:
     """last.pt inside an epoch, with the epoch's sums so far; every rank calls it at the same step."""
-    partial = state.sums.reduced(world)
-    if state.warmup is not None:
-        partial["warmup_window"] = state.warmup.reduced(world)
+    partial = {**state.sums.reduced(world), **state.schedule.window(world)}
     if rank == 0:
-        save_atomic(make_checkpoint(state, epoch, step, partial), os.path.join(state.cfg.out, "last.pt"))
+        save_atomic(training_checkpoint(state, epoch, step, partial), os.path.join(state.cfg.out, "last.pt"))
 
 
 # --------------------------------------------------------------------------------------------------- setup
@@ -573,7 +467,7 @@ def train(cfg: Config, rank: int, world: int, local_rank: int, explicit: set[str
     loaders = make_loaders(cfg, data, device, rank, world)
     state = new_state(cfg, data, loaders.train, device)
     if ckpt is not None:
-        restore(state, ckpt, cfg.resume_path(), rank)
+        restore_training(state, ckpt, cfg.resume_path(), rank)
     train_model = wrap_for_training(state.model, cfg, device, world)
     if rank == 0:
         start_files(cfg.out, run_info(cfg, device, world), ckpt, state.epoch)
@@ -615,9 +509,9 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
         with tqdm(total=len(loaders.train), initial=state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                   leave=False, disable=not (rank == 0 and cfg.progress), dynamic_ncols=True) as bar:
             policy.start_epoch(epoch, state.step, len(loaders.train), bar)
-            train_one_epoch(train_model, loaders.train, state.optimizer, state.scheduler, criterion, sums,
+            train_one_epoch(train_model, loaders.train, state.optimizer, state.schedule, criterion, sums,
                             epoch, state.step, amp=state.autocast(), scaler=state.scaler, after_step=policy,
-                            warmup=state.warmup)
+                            warmup=state.schedule.warmup)
         state.epoch, state.step = epoch + 1, 0
         last = epoch + 1 == cfg.epochs
         row = epoch_row(state, loaders, world, evaluate_now=last or (epoch + 1) % cfg.eval_every == 0)
@@ -625,7 +519,7 @@ def train_epochs(state: TrainState, train_model: nn.Module, loaders: Loaders, st
         state.best_val = max(state.best_val, row.get("val_acc", -1.0))
         if rank == 0:  # the row, then best.pt, then last.pt: a stop between any two redoes the epoch exactly
             append_metrics(os.path.join(out, "metrics.jsonl"), row)
-            ckpt = make_checkpoint(state, epoch + 1, 0)
+            ckpt = training_checkpoint(state, epoch + 1, 0)
             if improved:
                 save_atomic(ckpt, os.path.join(out, "best.pt"))
             save_atomic(ckpt, os.path.join(out, "last.pt"))
@@ -643,15 +537,16 @@ def epoch_row(state: TrainState, loaders: Loaders, world: int, evaluate_now: boo
     sums, model, classes = state.sums.reduced(world), state.model, len(state.classes)
     n, train_seconds, untimed = sums["count"].item(), sums["seconds"].item(), sums["untimed"].item()
     steps = len(loaders.train)  # the rate of the epoch's last step (its global step is epoch * steps - 1)
-    lr = state.scheduler.base_lrs[0] * state.scheduler.lr_lambdas[0](state.epoch * steps - 1)
+    lr = state.schedule.lr(state.epoch * steps - 1)
     row = {"epoch": state.epoch, "lr": lr,
            "train_loss": sums["loss_sum"].item() / n, "train_acc": sums["correct"].item() / n}
     if state.sums.compile_s:
         row["compile_s"] = round(state.sums.compile_s, 3)
     if state.scaler is not None:  # fp16: steps skipped for overflowing gradients, and the scale at the epoch's end
         row.update(skipped_steps=int(sums["skipped"]), loss_scale=state.scaler.get_scale())
-    if state.warmup is not None and state.warmup.end is not None:  # --warmup until-error: when and why it ended
-        row.update(warmup_end_step=state.warmup.end, warmup_end_error=state.warmup.error)
+    warmup = state.schedule.warmup
+    if warmup is not None and warmup.end is not None:  # --warmup until-error: when and why it ended
+        row.update(warmup_end_step=warmup.end, warmup_end_error=warmup.error)
     if evaluate_now:
         broadcast_buffers(model, world)
         test = evaluate(model, loaders.test, classes, world, state.cfg.tta)

@@ -206,13 +206,13 @@ def test_sync_bn_on_two_processes_equals_one_process(tiny_folder, tmp_path):
 WARMUP_LAUNCHER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import train
-real = train.ErrorWarmup.add
+import schedule, train
+real = schedule.ErrorWarmup.add
 def logged(self, logits, y, step, steps, global_step):
     real(self, logits, y, step, steps, global_step)
     with open({log!r} + os.environ["RANK"], "a") as f:
         f.write(f"{{global_step}} {{self.end}}\\n")
-train.ErrorWarmup.add = logged
+schedule.ErrorWarmup.add = logged
 train.main(sys.argv[1:])
 """
 

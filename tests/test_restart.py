@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+import runs
 import train
 from conftest import ROOT, assert_same_weights, interrupt_at, metrics, tiny_args, untimed, weights
 from test_robustness import run_main_expect_exit, start_training, wait_for
@@ -193,7 +194,7 @@ def test_a_resumed_optimizer_takes_this_devices_sgd_kernel(tiny_folder, tmp_path
     loaders = train.make_loaders(cfg, data, torch.device("cpu"), 0, 1)
     state = train.new_state(cfg, data, loaders.train, torch.device("cpu"))
     fresh = [(g["fused"], g["foreach"]) for g in state.optimizer.param_groups]
-    train.restore(state, ckpt, str(out / "last.pt"), 0)
+    runs.restore_training(state, ckpt, str(out / "last.pt"), 0)
     assert [(g["fused"], g["foreach"]) for g in state.optimizer.param_groups] == fresh
     assert state.optimizer.state_dict()["state"].keys() == ckpt["optimizer"]["state"].keys()
 

@@ -16,6 +16,7 @@ import torch
 import config
 import hardware
 import runs
+import schedule
 import train
 from conftest import ROOT, assert_same_weights, metrics, tiny_args, untimed, weights
 from runs import load_model
@@ -337,8 +338,8 @@ def test_gpu_trained_checkpoint_resumes_and_evaluates_on_cpu(tiny_folder, good_r
 def test_default_warmup_is_capped_for_short_runs():
     one = train.Config(epochs=1)
     assert one.warmup_length() == pytest.approx(0.2)  # not the whole run
-    assert train.lr_factor(9, 100, one) == pytest.approx(0.5)  # the ramp over the first 20 steps of 100
-    assert train.lr_factor(30, 100, one) == 1.0  # past the warm-up, before the first milestone (0.5 epochs)
+    assert schedule.lr_factor(9, 100, one) == pytest.approx(0.5)  # the ramp over the first 20 steps of 100
+    assert schedule.lr_factor(30, 100, one) == 1.0  # past the warm-up, before the first milestone (0.5 epochs)
     assert train.Config(epochs=50).warmup_length() == 1.0
     assert train.Config(epochs=1, warmup_epochs=1.0).warmup_length() == 1.0  # a typed value is honoured
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import plot_curves
+import schedule
 import train
 from conftest import (METRIC_KEYS, assert_same_weights, interrupt_at, metrics, tiny_args, untimed,
                       weights)
@@ -85,7 +86,7 @@ def test_eval_only_reproduces_logged_accuracy(tiny_folder, tmp_path, capsys):
 def test_lr_schedule_is_a_function_of_the_global_step():
     cfg = train.Config(epochs=10, warmup_epochs=1.0, milestones=[5.0, 7.5], gamma=0.1)
     spe = 100
-    f = [train.lr_factor(s, spe, cfg) for s in range(10 * spe)]
+    f = [schedule.lr_factor(s, spe, cfg) for s in range(10 * spe)]
     assert f[0] == pytest.approx(0.01) and f[99] == pytest.approx(1.0)  # linear warm-up over epoch 1
     assert f[499] == 1.0 and f[500] == pytest.approx(0.1) and f[749] == pytest.approx(0.1)
     assert f[750] == pytest.approx(0.01)
@@ -96,7 +97,7 @@ def test_lr_schedule_is_a_function_of_the_global_step():
 def test_linear_schedule_warms_up_then_decays_to_zero():
     cfg = train.Config(epochs=10, warmup_epochs=2.0, schedule="linear")
     spe = 100
-    f = [train.lr_factor(s, spe, cfg) for s in range(10 * spe + 1)]
+    f = [schedule.lr_factor(s, spe, cfg) for s in range(10 * spe + 1)]
     assert f[199] == pytest.approx(1.0) and f[200] == pytest.approx(1.0)  # peak at the end of warm-up
     assert f[600] == pytest.approx(0.5) and f[1000] == 0.0  # halfway down at epoch 6, zero after the last step
     assert all(a >= b for a, b in zip(f[200:], f[201:]))
@@ -284,13 +285,13 @@ def test_plot_curves_mistakes_are_one_line(tmp_path, capsys, args, message):
 def test_error_keyed_warmup_is_a_tenth_until_it_ends_then_the_schedule_as_if_it_had_been_that_long():
     cfg = train.Config(epochs=10, warmup="until-error", warmup_epochs=2.0, schedule="linear")
     spe = 100
-    running = [train.lr_factor(s, spe, cfg) for s in range(10 * spe)]  # not ended yet: --warmup-epochs at most
+    running = [schedule.lr_factor(s, spe, cfg) for s in range(10 * spe)]  # not ended yet: --warmup-epochs at most
     assert running[:200] == [0.1] * 200 and running[200] == 1.0
-    ended = [train.lr_factor(s, spe, cfg, warmup_end=40) for s in range(10 * spe + 1)]
+    ended = [schedule.lr_factor(s, spe, cfg, warmup_end=40) for s in range(10 * spe + 1)]
     assert ended[:40] == [0.1] * 40 and ended[40] == 1.0  # back to the peak at the step it ended
     assert ended[520] == pytest.approx(0.5) and ended[1000] == 0.0  # the linear decay from step 40 to the end
     step = train.Config(epochs=10, warmup="until-error", warmup_epochs=1.0, milestones=[5.0])
-    assert [train.lr_factor(s, spe, step, warmup_end=30) for s in (29, 30, 499, 500)] == [0.1, 1.0, 1.0, 0.1]
+    assert [schedule.lr_factor(s, spe, step, warmup_end=30) for s in (29, 30, 499, 500)] == [0.1, 1.0, 1.0, 0.1]
 
 
 def batch(correct: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +304,7 @@ def batch(correct: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_error_keyed_warmup_ends_on_the_window_error_or_at_its_longest():
-    w = train.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
+    w = schedule.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
     for step in range(1, 20):  # 19 steps at 30% correct: the test comes at the window's last step only
         w.add(*batch(3), step, 50, step)
     assert w.end is None
@@ -311,12 +312,12 @@ def test_error_keyed_warmup_ends_on_the_window_error_or_at_its_longest():
     assert (w.end, w.error) == (20, pytest.approx(0.71))
     w.add(*batch(0), 21, 50, 21)  # ended: nothing changes after
     assert w.end == 20 and w.sums.sum() == 0
-    never = train.ErrorWarmup(threshold=0.8, longest=45, device="cpu", world=1)
+    never = schedule.ErrorWarmup(threshold=0.8, longest=45, device="cpu", world=1)
     for step in range(1, 50):
         never.add(*batch(1), (step - 1) % 30 + 1, 30, step)  # 90% error, epochs of 30 steps
         assert never.end == (45 if step >= 45 else None)
     assert never.error is None
-    short = train.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
+    short = schedule.ErrorWarmup(threshold=0.8, longest=100, device="cpu", world=1)
     for step in range(1, 8):  # an epoch of 7 steps: tested at its last step, a window of 7 steps
         short.add(*batch(1 if step < 7 else 9), step, 7, step)
         assert short.end == (7 if step == 7 else None)
