@@ -11,9 +11,9 @@ model_kwargs, model (the state dict), optimizer, scheduler, epoch and step (its 
 epoch's running sums so far), best_val_acc, classes, config (the Config as a dict), normalization (mean, std)
 and rng; with --warmup until-error also warmup (its end step, and a mid-epoch checkpoint's partial holds the
 warm-up's window); with --amp in fp16 also scaler (the loss scaler's state). training_checkpoint writes it and
-restore_training reads it back; read_checkpoint checks any file before either. Runs of the retired --ema lever also hold ema,
-the averaged weights, which are their trained model (what was evaluated, and what load_model and export_weights
-take). Older checkpoints without normalization were all trained on CIFAR-10's.
+restore_training reads it back; read_checkpoint checks any file before either. Runs of the retired --ema lever
+also hold ema, the averaged weights, which are their trained model (what was evaluated, and what load_model and
+export_weights take). Older checkpoints without normalization were all trained on CIFAR-10's.
 """
 
 from __future__ import annotations
