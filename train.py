@@ -399,6 +399,8 @@ def plan_run(cfg: Config, explicit: set[str]) -> tuple[str | None, str | None]:
         last = restart_point(cfg.out)
         return (None, last) if last else (make_run_dir(cfg.out, unique=False, overwrite=True), None)
     if cfg.resume:
+        if not os.path.exists(cfg.resume):
+            raise UserError(f"--resume: {cfg.resume} does not exist")
         return None, cfg.resume
     return make_run_dir(cfg.out, unique="out" not in explicit, overwrite=cfg.overwrite), None
 
@@ -411,10 +413,9 @@ def enter_run(cfg: Config, explicit: set[str], out: str | None, resume: str | No
             raise UserError(f"rank {rank} cannot see the run directory {out} that rank 0 created: put --out on a "
                             "filesystem every node shares")
         return replace(cfg, out=out, resume=None), None
-    if not os.path.exists(resume):
-        raise UserError(f"--resume: {resume} does not exist" if rank == 0 else
-                        f"rank {rank} cannot see {resume}, which rank 0 goes on from: put the run directory on "
-                        "a filesystem every node shares")
+    if not os.path.exists(resume):  # rank 0 has checked that it exists
+        raise UserError(f"rank {rank} cannot see {resume}, which rank 0 goes on from: put the run directory on a "
+                        "filesystem every node shares")
     now = replace(cfg, resume=resume)
     path = now.resume_path()
     ckpt = read_checkpoint(path) if cfg.resume != "auto" else read_restart_point(path)

@@ -128,6 +128,27 @@ def test_setup_errors_reach_every_rank(tiny_folder, tmp_path):
     assert (out / "something").read_text() == "keep me"
 
 
+# Rank 1 stands for a node that does not share the run directory's filesystem: it cannot see the directory.
+UNSHARED_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+if os.environ["RANK"] == "1":
+    real = os.path.isdir
+    train.os.path.isdir = lambda p: False if os.path.abspath(p) == {out!r} else real(p)
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_run_directory_not_shared_by_every_node_is_one_line_on_each(tiny_folder, tmp_path):
+    out, launcher = tmp_path / "run", tmp_path / "launch.py"
+    launcher.write_text(UNSHARED_LAUNCHER.format(root=ROOT, out=str(out)))
+    r = torchrun(tiny_args(tiny_folder, out, "--resume", "auto"), script=str(launcher), timeout=120)
+    assert r.returncode != 0 and 'File "' + ROOT + '/train.py"' not in r.stderr, r.stderr[-3000:]  # torchrun's own
+    assert r.stderr.count("train.py: error: rank 1 cannot see the run directory") == 2, r.stderr[-3000:]
+    assert r.stderr.count("filesystem every node shares") == 2
+
+
 def rank_pids(parent: int) -> dict[int, int]:
     """rank -> pid of torchrun's workers."""
     pids = {}
