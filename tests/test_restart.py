@@ -218,14 +218,3 @@ def test_a_second_ctrl_c_exits_at_once():
                        timeout=60)
     assert r.returncode == -signal.SIGINT and r.stdout == "recorded True\n", (r.stdout, r.stderr)
     assert "Ctrl-C again quits at once" in r.stderr
-
-
-def test_sigusr1_stops_like_sigterm_with_its_exit_code(tiny_folder, tmp_path):
-    out = tmp_path / "r"
-    proc = start_training(auto(tiny_folder, out, "--epochs", "8"))
-    wait_for(out / "last.pt", proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGUSR1 and "stopped by SIGUSR1" in err, err
-    train.main(auto(tiny_folder, out, "--epochs", "8"))
-    assert [r["epoch"] for r in metrics(out)] == list(range(1, 9))

@@ -284,13 +284,15 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
     assert_same_weights(weights(killed), weights(straight))
 
 
-def test_sigterm_leaves_resumable_checkpoint(tiny_folder, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # a scheduler's stop; Slurm's warning
+def test_a_stop_signal_leaves_resumable_checkpoint(tiny_folder, tmp_path, signum):
     out = tmp_path / "r"
     proc = start_training(tiny_args(tiny_folder, out, "--epochs", "8"))
     wait_for(out / "last.pt", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and "resume with: python train.py --resume" in err
+    assert proc.returncode == 128 + signum and "resume with: python train.py --resume" in err
+    assert f"stopped by {signal.Signals(signum).name}" in err
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] < 8
     s = train.main(["--resume", str(out), "--data-dir", tiny_folder, "--no-progress", "--device", "cpu"])
