@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.rendezvous import rendezvous
 
 from config import resolve_device
 
@@ -35,8 +36,13 @@ def setup(device_flag: str, timeout_min: float = 30.0) -> tuple[int, int, int]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device)
+    timeout = timedelta(minutes=timeout_min)
     try:
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+        # the ranks swap addresses through torchrun's store, which outlives a restart: under a prefix of their
+        # attempt, a restarted rank never reads a dead rank's address from the attempt before (and fails to connect)
+        store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistBackendError, DistNetworkError, a rendezvous timeout...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SetupError(f"rank {rank}: the process group did not form ({first}): a peer process died or cannot "

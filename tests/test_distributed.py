@@ -187,10 +187,8 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_goes_on_exactly(ti
     unbroken = tmp_path / "unbroken"
     assert torchrun(tiny_args(tiny_folder, unbroken, *args)).returncode == 0
     out = tmp_path / "restarted"
-    # more than one restart: under load, a restarted attempt's process group sometimes fails to form (gloo's
-    # "connection refused", one line from each rank), and the next attempt is the same command again
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=3", "train.py",
+                             "--max-restarts=1", "train.py",
                              *tiny_args(tiny_folder, out, "--resume", "auto", *args)],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t = time.time()
@@ -201,6 +199,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_goes_on_exactly(ti
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]  # the rank that lost its peer says so in one line
+    assert "did not form" not in err, err[-3000:]  # the restart found its own peers, not the dead one's address
     assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]
     assert untimed(metrics(out)) == untimed(metrics(unbroken))
     assert_same_weights(weights(out), weights(unbroken))
