@@ -341,9 +341,10 @@ def fit_recipe_to_device(cfg: Config, device: torch.device, explicit: set[str]) 
     device cannot use them: turned off, and a note for each. --recipe gpu compiles on CUDA only (a CPU compile
     costs minutes for little gain)."""
     notes, preset = [], RECIPES.get(cfg.recipe, {})  # a run saved under a recipe since removed: none
-    if preset.get("amp") and "amp" not in explicit and amp_dtype(device, cfg.amp_dtype)[0] is None:
+    dtype, why = amp_dtype(device, cfg.amp_dtype)
+    if preset.get("amp") and "amp" not in explicit and dtype is None:
         cfg.amp = False
-        notes.append(f"--recipe {cfg.recipe} sets --amp, but {amp_dtype(device, cfg.amp_dtype)[1]}: training in fp32")
+        notes.append(f"--recipe {cfg.recipe} sets --amp, but {why}: training in fp32")
     if preset.get("compile") and not explicit & {"compile", "compile_mode"}:  # a typed mode asks for compile
         why = compile_unavailable(device) or ("" if device.type == "cuda" else "it compiles on CUDA only")
         if why:

@@ -1,6 +1,7 @@
 """torchrun on CPU with 2 gloo processes: data loaded once per node and downloaded once per job, setup errors on
-every rank, a worker killed and the job restarted by torchrun, a signal to one rank, BN statistics that evaluation and last.pt share, sync-BN equal to one process on the global batch (and as
-accurate as BatchNorm2d under bf16), the warm-up's switch agreed by every rank."""
+every rank, a worker killed and the job restarted by torchrun, a signal to one rank, BN statistics that evaluation
+and last.pt share, sync-BN equal to one process on the global batch (and as accurate as BatchNorm2d under bf16),
+the warm-up's switch agreed by every rank."""
 
 from __future__ import annotations
 
